@@ -1,0 +1,3 @@
+from robbench.cli import main
+
+main()

@@ -1,0 +1,153 @@
+"""The ``robbench`` command line. User errors print one line and exit with code 2."""
+from __future__ import annotations
+
+import json
+import sys
+from functools import wraps
+from typing import Any, Callable
+
+import click
+
+from robbench.errors import UserError
+
+
+def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn :class:`UserError` into ``error: ...`` on stderr and exit code 2 (no traceback)."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except UserError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted; finished work is saved and the command resumes where it stopped", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="robbench")
+def main() -> None:
+    """robbench: train paper zoo entries, run attack protocols, report against published numbers."""
+
+
+# ---------------------------------------------------------------------------------------------- zoo
+@main.group()
+def zoo() -> None:
+    """Trainable entries (zoo/*.toml)."""
+
+
+@zoo.command("list")
+@user_errors
+def zoo_list() -> None:
+    """List zoo entries with their paper, method and dataset."""
+    from robbench.config import list_entries, load_entry
+
+    for name in list_entries():
+        e = load_entry(name)
+        click.echo(f"{name:40s} {e.paper:7s} {e.train.method:12s} {e.model.arch}x{e.model.members:<3d} {e.data.dataset}")
+
+
+@zoo.command("show")
+@click.argument("name")
+@click.option("--set", "overrides", multiple=True, help="override a field: key=value (TOML value)")
+@user_errors
+def zoo_show(name: str, overrides: tuple[str, ...]) -> None:
+    """Show an entry as resolved (extends merged, overrides applied, defaults filled)."""
+    from robbench.config import load_entry
+
+    e = load_entry(name, list(overrides))
+    click.echo(json.dumps(e.resolved(), indent=2))
+
+
+# ---------------------------------------------------------------------------------------- protocols
+@main.group()
+def protocols() -> None:
+    """Attack suites (protocols/*.toml)."""
+
+
+@protocols.command("list")
+@user_errors
+def protocols_list() -> None:
+    """List protocols."""
+    from robbench.config import list_protocols
+    from robbench.evaluate.protocol import load_protocol
+
+    for name in list_protocols():
+        p = load_protocol(name)
+        click.echo(f"{name:28s} {p.paper:7s} {p.description}")
+
+
+@protocols.command("show")
+@click.argument("name")
+@user_errors
+def protocols_show(name: str) -> None:
+    """Show a protocol as resolved."""
+    from robbench.config import to_dict
+    from robbench.evaluate.protocol import load_protocol
+
+    click.echo(json.dumps(to_dict(load_protocol(name)), indent=2))
+
+
+# -------------------------------------------------------------------------------------------- train
+@main.command()
+@click.argument("entry")
+@click.option("--set", "overrides", multiple=True, help="override a field: key=value (recorded in the manifest)")
+@click.option("--epochs", type=int, default=None, help="override train.epochs")
+@click.option("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when present)")
+@click.option("--runs-dir", type=click.Path(), default=None, help="where runs/<entry>/ go (default ./runs)")
+@click.option("--data-root", type=click.Path(), default=None, help="dataset directory (default ./data)")
+@user_errors
+def train(entry: str, overrides: tuple[str, ...], epochs: int | None, device: str | None,
+          runs_dir: str | None, data_root: str | None) -> None:
+    """Train one zoo entry into runs/<entry>/ (resumes an interrupted run)."""
+    from robbench.train.run import train_entry
+
+    ov = list(overrides) + ([f"train.epochs={epochs}"] if epochs is not None else [])
+    train_entry(entry, overrides=ov, device=device, runs_dir=runs_dir, data_root=data_root)
+
+
+# ----------------------------------------------------------------------------------------- evaluate
+@main.command()
+@click.option("--protocol", "protocol", required=True, help="protocol name (protocols/*.toml)")
+@click.argument("entries", nargs=-1)
+@click.option("--n", type=int, default=None, help="number of samples (override)")
+@click.option("--eps", type=str, default=None, help="comma-separated eps list (override)")
+@click.option("--batch-size", type=int, default=None)
+@click.option("--set", "overrides", multiple=True, help="override a protocol field: key=value")
+@click.option("--force", is_flag=True, help="redo a finished protocol run")
+@click.option("--device", default=None)
+@click.option("--runs-dir", type=click.Path(), default=None)
+@click.option("--db", type=click.Path(), default=None, help="results store (default results/robbench.db)")
+@click.option("--data-root", type=click.Path(), default=None)
+@user_errors
+def evaluate(protocol: str, entries: tuple[str, ...], n: int | None, eps: str | None, batch_size: int | None,
+             overrides: tuple[str, ...], force: bool, device: str | None, runs_dir: str | None, db: str | None,
+             data_root: str | None) -> None:
+    """Run an attack suite on trained entries (all trained entries it applies to when none named)."""
+    from robbench.evaluate.engine import evaluate_protocol
+
+    evaluate_protocol(protocol, list(entries), n=n, eps=eps, batch_size=batch_size, overrides=list(overrides),
+                      force=force, device=device, runs_dir=runs_dir, db=db, data_root=data_root)
+
+
+# ------------------------------------------------------------------------------------------- report
+@main.command()
+@click.option("--paper", type=click.Choice(["dverge", "eio", "eed", "xie", "demo", "all"]), default="all")
+@click.option("--out", type=click.Path(), default="reports", help="output folder")
+@click.option("--db", type=click.Path(), default=None)
+@click.option("--runs-dir", type=click.Path(), default=None)
+@click.option("--format", "fmt", type=click.Choice(["md", "csv", "json"]), default="md")
+@user_errors
+def report(paper: str, out: str, db: str | None, runs_dir: str | None, fmt: str) -> None:
+    """Write markdown tables, heatmaps, curves and the leaderboard from the results store."""
+    from robbench.report import write_report
+
+    write_report(paper=paper, out=out, db=db, runs_dir=runs_dir, fmt=fmt)
+
+
+if __name__ == "__main__":
+    main()

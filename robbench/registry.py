@@ -1,0 +1,98 @@
+"""Decorator-based registries of named parts: architectures, datasets, methods, attacks, ...
+
+A part is registered once under a unique name; looking up an unknown name is a user error that
+lists what is allowed.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Generic, Iterator, TypeVar
+
+from robbench.errors import ConfigError
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._items: dict[str, T] = {}
+        self._params: dict[str, type | None] = {}
+
+    def register(self, name: str, *, params: type | None = None) -> Callable[[T], T]:
+        """Register ``obj`` under ``name``; ``params`` is an optional dataclass describing its options."""
+
+        def deco(obj: T) -> T:
+            if name in self._items:
+                raise ValueError(f"duplicate {self.kind} name {name!r}")
+            self._items[name] = obj
+            self._params[name] = params
+            return obj
+
+        return deco
+
+    def get(self, name: str, *, file: str | None = None, field: str | None = None) -> T:
+        _ensure_loaded()
+        if name not in self._items:
+            raise ConfigError(
+                f"unknown {self.kind} {name!r}; allowed: {', '.join(sorted(self._items))}",
+                file=file, field=field,
+            )
+        return self._items[name]
+
+    def params(self, name: str) -> type | None:
+        self.get(name)
+        return self._params[name]
+
+    def names(self) -> list[str]:
+        _ensure_loaded()
+        return sorted(self._items)
+
+    def __contains__(self, name: object) -> bool:
+        _ensure_loaded()
+        return name in self._items
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+
+ARCHITECTURES: Registry[Callable[..., Any]] = Registry("architecture")
+DATASETS: Registry[Callable[..., Any]] = Registry("dataset")
+METHODS: Registry[Any] = Registry("method")
+ATTACKS: Registry[Callable[..., Any]] = Registry("attack")
+AGGREGATIONS: Registry[Callable[..., Any]] = Registry("aggregation")
+MODEL_TRANSFORMS: Registry[Callable[..., Any]] = Registry("model transform")
+
+REGISTRIES: dict[str, Registry[Any]] = {
+    "architectures": ARCHITECTURES,
+    "datasets": DATASETS,
+    "methods": METHODS,
+    "attacks": ATTACKS,
+    "aggregations": AGGREGATIONS,
+    "model_transforms": MODEL_TRANSFORMS,
+}
+
+# Modules whose import registers parts. Imported lazily so `robbench --help` stays fast.
+_PART_MODULES = (
+    "robbench.models",
+    "robbench.data",
+    "robbench.attacks",
+    "robbench.train.methods",
+    "robbench.evaluate.aggregations",
+    "robbench.eio",
+)
+_loaded = False
+
+
+def _ensure_loaded() -> None:
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    import importlib
+
+    for mod in _PART_MODULES:
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as e:  # a part package not written yet
+            if e.name != mod and not mod.startswith(str(e.name)):
+                raise
