@@ -149,5 +149,35 @@ def report(paper: str, out: str, db: str | None, runs_dir: str | None, fmt: str)
     write_report(paper=paper, out=out, db=db, runs_dir=runs_dir, fmt=fmt)
 
 
+
+# ------------------------------------------------------------------------------------------- derive
+@main.command()
+@click.argument("entry")
+@click.option("--path", "path", default="random", help="'random' or comma-separated gate indices")
+@click.option("--count", type=int, default=1, help="how many paths to derive (K-member ensembles too)")
+@click.option("--seed", type=int, default=0, help="seed for random paths")
+@click.option("--device", default=None)
+@click.option("--runs-dir", type=click.Path(), default=None)
+@user_errors
+def derive(entry: str, path: str, count: int, seed: int, device: str | None, runs_dir: str | None) -> None:
+    """Derive plain single-path models from a trained random gated network (Ensemble-in-One)."""
+    from robbench.eio.derive import derive_paths
+
+    derive_paths(entry, path=path, count=count, seed=seed, device=device, runs_dir=runs_dir)
+
+
+# --------------------------------------------------------------------------------------------- demo
+@main.command()
+@click.option("--out", type=click.Path(), default="reports/demo", help="report folder")
+@click.option("--smallest", is_flag=True, help="the smallest end-to-end size (used by the tests)")
+@click.option("--device", default=None)
+@user_errors
+def demo(out: str, smallest: bool, device: str | None) -> None:
+    """The embedded default: a complete mini benchmark on scikit-learn's digits (resumes if interrupted)."""
+    from robbench.demo import run_demo
+
+    run_demo(out=out, smallest=smallest, device=device)
+
+
 if __name__ == "__main__":
     main()
