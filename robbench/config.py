@@ -276,7 +276,7 @@ class ModelSpec:
 @dataclass
 class DataSpec:
     dataset: str = opt(registry="datasets")
-    augment: Literal["default", "none", "crop_flip", "flip"] = opt(
+    augment: Literal["default", "none", "crop_flip", "crop", "flip"] = opt(
         "default", help="'default' = the dataset's paper augmentation")
     batch_size: int = opt(128, min=1, max=65536)
     test_batch_size: int = opt(100, min=1, max=65536, help="DVERGE test loader: 100")
@@ -350,6 +350,16 @@ def _validate_sub(params_cls: type | None, data: dict[str, Any], file: str, pref
     return parse_dataclass(params_cls, data, file=file, prefix=prefix)
 
 
+def _blame_override(err: ConfigError, overrides: list[str]) -> ConfigError:
+    """Say which --set caused an error, so the user does not hunt for it in the file."""
+    for text in overrides:
+        key = text.split("=", 1)[0].strip()
+        if err.field and (err.field == key or err.field.startswith(key + ".")):
+            msg = str(err).split(f"{err.field}: ", 1)[-1]
+            return ConfigError(msg, file=f"{err.file} (--set {text})", field=err.field)
+    return err
+
+
 def load_entry(spec: str, overrides: list[str] | None = None) -> ZooEntry:
     """Load, merge, override and validate a zoo entry (``zoo/NAME``, ``NAME`` or a path)."""
     from robbench.registry import ARCHITECTURES, METHODS
@@ -362,13 +372,22 @@ def load_entry(spec: str, overrides: list[str] | None = None) -> ZooEntry:
     for table in ("model", "data"):
         if table not in raw:
             raise ConfigError("required table is missing", file=file, field=table)
-    entry = parse_dataclass(ZooEntry, raw, file=file)
+    try:
+        entry = parse_dataclass(ZooEntry, raw, file=file)
+    except ConfigError as e:
+        raise _blame_override(e, overrides) from None
     entry.source = file
     entry.overrides = overrides
-    entry.method_params = _validate_sub(METHODS.params(entry.train.method), entry.train.params, file,
-                                        "train.params", f"method {entry.train.method!r}")
-    entry.arch_params = _validate_sub(ARCHITECTURES.params(entry.model.arch), entry.model.options, file,
-                                      "model.options", f"architecture {entry.model.arch!r}")
+    try:
+        entry.method_params = _validate_sub(METHODS.params(entry.train.method), entry.train.params, file,
+                                            "train.params", f"method {entry.train.method!r}")
+        entry.arch_params = _validate_sub(ARCHITECTURES.params(entry.model.arch), entry.model.options, file,
+                                          "model.options", f"architecture {entry.model.arch!r}")
+        from robbench.data import validate_options
+
+        validate_options(entry.data.dataset, entry.data.options, file=file)
+    except ConfigError as e:
+        raise _blame_override(e, overrides) from None
     return entry
 
 

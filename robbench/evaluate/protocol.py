@@ -1,0 +1,216 @@
+"""Protocols: attack suites as data (``protocols/*.toml``), validated into dataclasses.
+
+A protocol names the sample selection, the eps list, the attacks with all their parameters (validated
+against each attack's options dataclass from the ``ATTACKS`` registry), the transfer sources and the
+aggregation rule. ``load_protocol`` merges ``extends`` chains, applies ``--set`` overrides and the
+``--n/--eps/--batch-size`` shortcuts (all recorded in ``Protocol.overrides``) and validates everything;
+every mistake is a :class:`ConfigError` naming the file and the field.
+"""
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from robbench.config import (apply_overrides, config_hash, load_raw, opt, parse_dataclass, to_dict)
+from robbench.errors import ConfigError
+from robbench.paths import PROTOCOLS_DIR
+
+KINDS = ("whitebox", "transfer", "transferability", "autoattack", "clean", "convergence")
+
+
+@dataclass
+class SampleSpec:
+    selection: Literal["dverge", "first", "random", "all", "all_correct"] = opt(
+        "dverge", help="dverge: random.seed(seed); random.sample(range(pool), n) (DVERGE eval scripts); "
+                       "all_correct: samples every member classifies correctly, then the same seeded draw "
+                       "(DVERGE eval_transferability.py)")
+    n: int = opt(1000, min=1, help="number of samples")
+    seed: int = opt(0, min=0, help="seed of the sample draw")
+    split: Literal["test", "train"] = opt("test")
+    pool: int | None = opt(None, min=1, help="draw from the first `pool` samples (default: the whole split)")
+
+
+@dataclass
+class AttackSpec:
+    id: str = opt(help="the attack id stored in the results store (e.g. 'pgd-ce')")
+    attack: str = opt(registry="attacks", help="attack name in the ATTACKS registry")
+    params: dict[str, Any] = opt({}, help="the attack's options, validated by its options dataclass")
+    and_group: str | None = opt(None, help="attacks in one group are AND-ed into one result in per-attack "
+                                           "tables (DVERGE eval_bbox.py: the 3 M-PGD restarts)")
+    on: Literal["target", "sources", "members"] | None = opt(
+        None, help="where adversarial examples are crafted: the evaluated model (white-box), the transfer "
+                   "sources (black-box) or each member (transferability); default from the protocol kind")
+    eps: list[float] | None = opt(None, min=0.0, help="eps list for this attack only (default: protocol eps)")
+    restarts_as_runs: int = opt(0, min=0, max=1000,
+                                help="transferability: run R single-restart attacks seeded 0..R-1 and test "
+                                     "each on every member (DVERGE eval_transferability.py); 0 = off")
+    norm: Literal["linf", "l2"] | None = opt(None, help="this attack's norm when it differs from the protocol's "
+                                                         "(EED: DeepFool is L2 inside an L-inf suite)")
+    params_parsed: Any = field(default=None, init=False, repr=False, compare=False)
+
+
+@dataclass
+class AppliesTo:
+    papers: list[str] = opt([], help="entry.paper must be one of these (empty: any)")
+    tags: list[str] = opt([], help="entry must carry at least one of these tags (empty: any)")
+    exclude_tags: list[str] = opt([], help="entries carrying any of these tags are skipped (e.g. holdout)")
+    datasets: list[str] = opt([], help="entry's dataset must be one of these (empty: the protocol's datasets)")
+    members: list[int] = opt([], help="ensemble sizes allowed (empty: any)")
+    entries: list[str] = opt([], help="entry name patterns (fnmatch; empty: any)")
+
+
+@dataclass
+class Protocol:
+    name: str
+    description: str = ""
+    paper: str = opt("", help="dverge | eio | eed | xie | robustbench | demo")
+    citation: str = opt("", help="where the values come from")
+    kind: Literal["whitebox", "transfer", "transferability", "autoattack", "clean", "convergence"] = "whitebox"
+    scaled: bool = opt(False, help="true = a scaled-down version of a paper protocol (say how in description)")
+    datasets: list[str] = opt([], help="datasets the protocol applies to")
+    samples: SampleSpec = field(default_factory=SampleSpec)
+    eps: list[float] = opt([], min=0.0, help="perturbation budgets")
+    norm: Literal["linf", "l2"] = "linf"
+    batch_size: int = opt(200, min=1, max=1 << 20, help="samples per batch (DVERGE eval_wbox.py: 200)")
+    aggregation: str = opt("all_or_nothing", registry="aggregations")
+    early_stop: bool = opt(True, help="all-or-nothing only: a sample fooled at an eps (or wrong on clean "
+                                      "inputs) is not attacked again at that eps and is recorded as fooled")
+    clean: bool = opt(True, help="store clean accuracy as attack 'clean', eps 0")
+    eot_samples: int = opt(20, min=1, help="randomized models: EOT draws per gradient (AutoAttack rand: 20)")
+    seed: int = opt(0, min=0, help="seed for per-batch randomness (random targets, random paths)")
+    member: int | None = opt(None, min=0, help="evaluate only this member of the entry's ensemble "
+                                               "(Ensemble-in-One '/3/1': one derived model; recorded)")
+    sources: list[str] = opt([], help="transfer: entry names of the source (surrogate) models")
+    attacks: list[AttackSpec] = opt([])
+    applies_to: AppliesTo = field(default_factory=AppliesTo)
+    _extends: str | None = field(default=None, repr=True)
+    source_file: str = field(default="", init=False, repr=False, compare=False)
+    overrides: list[str] = field(default_factory=list, init=False, repr=False, compare=False)
+
+    def validate(self, file: str) -> None:
+        if self.kind not in ("clean", "autoattack") and not self.attacks:
+            raise ConfigError("a protocol of this kind needs at least one [[attacks]] table", file=file,
+                              field="attacks")
+        if self.kind != "clean" and not self.eps and not any(a.eps for a in self.attacks):
+            raise ConfigError("empty; give at least one eps", file=file, field="eps")
+        seen: set[str] = set()
+        for i, a in enumerate(self.attacks):
+            if not a.id or "@" in a.id or "|" in a.id or a.id == "clean":
+                raise ConfigError(f"{a.id!r}: ids must be non-empty, not 'clean', without '@' or '|'", file=file,
+                                  field=f"attacks[{i}].id")
+            if a.id in seen:
+                raise ConfigError(f"duplicate attack id {a.id!r}", file=file, field=f"attacks[{i}].id")
+            seen.add(a.id)
+            on = self.attack_on(a)
+            if on == "sources" and not self.sources:
+                raise ConfigError("transfer attacks need source entries", file=file, field="sources")
+        if self.kind == "transfer" and not self.sources:
+            raise ConfigError("a transfer protocol needs source entries", file=file, field="sources")
+        if self.samples.selection != "all_correct" and self.kind == "transferability":
+            raise ConfigError("transferability samples are those every member classifies correctly; "
+                              "allowed: 'all_correct'", file=file, field="samples.selection")
+
+    # --------------------------------------------------------------------------------------------
+    def attack_on(self, a: AttackSpec) -> str:
+        if a.on is not None:
+            return a.on
+        return {"transfer": "sources", "transferability": "members"}.get(self.kind, "target")
+
+    def attack_eps(self, a: AttackSpec) -> list[float]:
+        return list(a.eps) if a.eps else list(self.eps)
+
+    def resolved(self) -> dict[str, Any]:
+        d = to_dict(self)
+        d.pop("source_file", None)
+        for a, ad in zip(self.attacks, d["attacks"]):
+            ad.pop("params_parsed", None)
+            if a.params_parsed is not None:
+                ad["params"] = to_dict(a.params_parsed)
+        return d
+
+    def sha256(self) -> str:
+        """Hash of the resolved protocol (overrides applied, attack defaults filled)."""
+        return config_hash(self.resolved())
+
+    def applies(self, entry: Any) -> bool:
+        """Whether a zoo entry (``robbench.config.ZooEntry``) is a target of this protocol."""
+        f = self.applies_to
+        datasets = f.datasets or self.datasets
+        if datasets and entry.data.dataset not in datasets:
+            return False
+        if f.papers and entry.paper not in f.papers:
+            return False
+        tags = set(getattr(entry, "tags", []) or [])
+        if f.tags and not tags & set(f.tags):
+            return False
+        if tags & set(f.exclude_tags):
+            return False
+        if f.members and entry.model.members not in f.members:
+            return False
+        if f.entries and not any(fnmatch.fnmatch(entry.name, p) for p in f.entries):
+            return False
+        if entry.name in self.sources:
+            return False
+        return True
+
+
+def _attack_params(a: AttackSpec, norm: str, file: str, i: int) -> Any:
+    """Validate ``a.params`` with the attack's options dataclass; fill the protocol's norm."""
+    from robbench.registry import ATTACKS
+
+    cls = ATTACKS.params(a.attack)
+    prefix = f"attacks[{i}].params"
+    if cls is None:
+        if a.params:
+            raise ConfigError(f"attack {a.attack!r} takes no options; got {', '.join(sorted(a.params))}",
+                              file=file, field=prefix)
+        return None
+    params = dict(a.params)
+    names = {f.name for f in dataclasses.fields(cls)}
+    if "norm" in names:
+        if "norm" in params and params["norm"] != norm:
+            raise ConfigError(f"{params['norm']!r} differs from the protocol's norm {norm!r}", file=file,
+                              field=f"{prefix}.norm")
+        params["norm"] = norm
+    return parse_dataclass(cls, params, file=file, prefix=prefix)
+
+
+def load_protocol(name: str, overrides: list[str] | None = None, *, n: int | None = None,
+                  eps: list[float] | str | None = None, batch_size: int | None = None) -> Protocol:
+    """Load, merge, override and validate a protocol (``NAME``, ``protocols/NAME`` or a path).
+
+    ``n``, ``eps`` and ``batch_size`` are the CLI shortcuts; they become ``samples.n=…``, ``eps=[…]`` and
+    ``batch_size=…`` overrides so they are validated and recorded like any ``--set``.
+    """
+    ov = list(overrides or [])
+    if n is not None:
+        ov.append(f"samples.n={int(n)}")
+    if eps is not None:
+        if isinstance(eps, str):
+            try:
+                vals = [float(v) for v in eps.split(",") if v.strip()]
+            except ValueError:
+                raise ConfigError(f"expected comma-separated numbers, got {eps!r}", file="--eps") from None
+        else:
+            vals = [float(v) for v in eps]
+        ov.append("eps=[" + ", ".join(repr(v) for v in vals) + "]")
+    if batch_size is not None:
+        ov.append(f"batch_size={int(batch_size)}")
+    raw, path = load_raw(name, PROTOCOLS_DIR, "protocol")
+    raw = apply_overrides(raw, ov)
+    file = str(path)
+    raw.setdefault("name", path.stem)
+    proto = parse_dataclass(Protocol, raw, file=file)
+    proto.source_file = file
+    proto.overrides = ov
+    for i, a in enumerate(proto.attacks):
+        a.params_parsed = _attack_params(a, a.norm or proto.norm, file, i)
+    return proto
+
+
+def list_protocol_names() -> list[str]:
+    from robbench.config import list_protocols
+
+    return list_protocols()

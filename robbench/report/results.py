@@ -1,0 +1,141 @@
+"""What the report reads: the latest finished run of each (entry, protocol) in the results store, its
+per-sample outcomes, and what ``runs/<entry>/`` says about the entry (manifest, weights, log)."""
+from __future__ import annotations
+
+import fnmatch
+import json
+import struct
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from robbench.errors import UserError
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    run_id: Any
+    entry: str
+    protocol: str
+    seed: int | None
+    finished: str
+    checkpoint_sha256: str
+    overrides: list[str]
+    meta: dict[str, Any]
+
+
+def _loads(v: Any, default: Any) -> Any:
+    if v is None or (isinstance(v, float) and v != v):
+        return default
+    if isinstance(v, (dict, list)):
+        return v
+    try:
+        return json.loads(v)
+    except (TypeError, ValueError):
+        return default
+
+
+class Results:
+    """Read-only view of the store for the report (one cache of outcomes per run)."""
+
+    def __init__(self, db: str | Path, runs_dir: str | Path) -> None:
+        from robbench import store as store_mod
+
+        self.db = Path(db)
+        self.runs_dir = Path(runs_dir)
+        if not self.db.exists():
+            raise UserError("results store not found; run `robbench evaluate --protocol NAME` first or pass --db",
+                            file=str(self.db))
+        self._store_mod = store_mod
+        self.store = store_mod.Store(self.db)
+        self._outcomes: dict[Any, pd.DataFrame] = {}
+
+    # ------------------------------------------------------------------------------------------ runs
+    @cached_property
+    def runs(self) -> dict[tuple[str, str], RunInfo]:
+        """(entry, protocol) -> the latest finished run."""
+        done = self.store.runs(status="done")
+        out: dict[tuple[str, str], RunInfo] = {}
+        for protocol in sorted(set(done["protocol"])):
+            df = self._store_mod.latest_runs(self.store, protocol)
+            for r in df.itertuples(index=False):
+                meta = dict(_loads(r.meta, {}))
+                meta.update(self.store.get_meta(int(r.run_id)) or {})  # run_meta extras (AutoAttack checks, EOT)
+                info = RunInfo(run_id=int(r.run_id), entry=r.entry, protocol=r.protocol,
+                               seed=None if pd.isna(r.seed) else int(r.seed), finished=str(r.finished or ""),
+                               checkpoint_sha256=str(r.checkpoint_sha256 or ""),
+                               overrides=list(_loads(r.overrides, [])), meta=meta)
+                out[(info.entry, info.protocol)] = info
+        return dict(sorted(out.items()))
+
+    def run(self, entry: str, protocol: str) -> RunInfo | None:
+        return self.runs.get((entry, protocol))
+
+    def runs_of(self, protocol_pattern: str) -> list[RunInfo]:
+        return [r for (e, p), r in sorted(self.runs.items()) if fnmatch.fnmatch(p, protocol_pattern)]
+
+    def outcomes(self, run: RunInfo) -> pd.DataFrame:
+        if run.run_id not in self._outcomes:
+            df = self.store.outcomes(int(run.run_id))
+            self._outcomes[run.run_id] = df.sort_values(["attack", "eps", "sample", "member"]).reset_index(drop=True)
+        return self._outcomes[run.run_id]
+
+    # ------------------------------------------------------------------------------------ run dirs
+    def manifest(self, entry: str) -> dict[str, Any]:
+        p = self.runs_dir / entry / "manifest.json"
+        try:
+            return json.loads(p.read_text())
+        except (FileNotFoundError, ValueError):
+            return {}
+
+    def resolved_entry(self, entry: str) -> dict[str, Any]:
+        """The resolved zoo entry: from the run's manifest, else from zoo/ (may be empty)."""
+        man = self.manifest(entry)
+        for key in ("entry", "resolved", "config"):
+            if isinstance(man.get(key), dict):
+                return man[key]
+        try:
+            from robbench.config import load_entry
+
+            return load_entry(entry).resolved()
+        except (UserError, Exception):  # an entry no longer in zoo/: the report still renders
+            return {}
+
+    def log(self, entry: str) -> list[dict[str, Any]]:
+        p = self.runs_dir / entry / "log.jsonl"
+        if not p.exists():
+            return []
+        out = []
+        for line in p.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue  # a torn last line of a killed run
+            if isinstance(rec, dict):
+                out.append(rec)
+        return out
+
+    def param_count(self, entry: str) -> int | None:
+        """Parameters in model.safetensors, read from its header (no tensor is loaded)."""
+        p = self.runs_dir / entry / "model.safetensors"
+        try:
+            with open(p, "rb") as fh:
+                (n,) = struct.unpack("<Q", fh.read(8))
+                header = json.loads(fh.read(n))
+        except (FileNotFoundError, ValueError, struct.error):
+            return None
+        total = 0
+        for k, v in header.items():
+            if k == "__metadata__" or not isinstance(v, dict):
+                continue
+            name = k.rsplit(".", 1)[-1]
+            if name in ("running_mean", "running_var", "num_batches_tracked"):
+                continue  # buffers, not parameters
+            numel = 1
+            for d in v.get("shape", []):
+                numel *= int(d)
+            total += numel
+        return total

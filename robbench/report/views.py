@@ -1,0 +1,157 @@
+"""Which reproduced numbers go in which paper table: ``protocols/reference/views.toml``, as data.
+
+A *view* is one table of a paper: its rows name zoo entries, its columns name measures (clean accuracy,
+all-or-nothing robust accuracy at an eps over a set of attack ids, ...). Column labels are the
+reference CSV's, so a cell's published value is ``(paper, table, row, column)`` of the CSV (or of
+``reference = "paper:table"`` when a view borrows another table's published numbers, as the digits demo
+does for shape). Plots, heatmaps and the training-time table are declared the same way.
+"""
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from robbench.config import opt, parse_dataclass
+from robbench.errors import ConfigError
+from robbench.report.reference import reference_dir
+
+_EPS = re.compile(r"^\d*\.?\d+$")
+
+
+@dataclass
+class Measure:
+    """How one cell is computed from a run's per-sample outcomes."""
+    kind: Literal["clean", "robust", "none"] = opt(
+        "robust", help="clean: attack 'clean'; robust: all-or-nothing over the selected attacks; "
+                       "none: not measured by robbench (published value shown alone)")
+    protocol: str = opt("", help="protocol of the run (default: the view's protocol)")
+    eps: float | None = opt(None, min=0.0, help="eps of the outcomes (robust measures)")
+    attacks: list[str] = opt(["*"], help="fnmatch patterns over stored attack ids, AND-ed (all-or-nothing)")
+    member: int = opt(-1, min=-1, help="-1 = the whole model; j = member j")
+
+
+@dataclass
+class View:
+    paper: str = opt(help="report folder the view belongs to (dverge | eio | eed | xie | demo)")
+    table: str = opt(help="table id in protocols/reference/<paper>.csv (or the view's own id)")
+    title: str = opt(help="caption")
+    protocol: str = opt("", help="default protocol of the cells")
+    reference: str = opt("", help="'paper:table' whose published numbers the cells show (default: own)")
+    compare: bool = opt(True, help="false: published numbers are from another setting (the digits demo) "
+                                   "and are shown beside, not differenced")
+    columns: list[str] = opt([], help="column labels (default: the reference table's columns)")
+    rows: dict[str, str] = opt({}, help="row label -> zoo entry name (paper order)")
+    measures: dict[str, Any] = opt({}, help="column label -> measure table; default: 'clean' -> clean, "
+                                            "a number -> robust at that eps, anything else -> none")
+    curves: bool = opt(False, help="also plot accuracy vs eps, one panel per ensemble size ('X/N' rows)")
+    note: str = opt("", help="one line printed under the table")
+
+    def validate(self, file: str) -> None:
+        for k, v in list(self.measures.items()):
+            if not isinstance(v, Measure):
+                if not isinstance(v, dict):
+                    raise ConfigError("expected a table", file=file, field=f"measures.{k}")
+                self.measures[k] = parse_dataclass(Measure, v, file=file, prefix=f"measures.{k}")
+        if self.reference and ":" not in self.reference:
+            raise ConfigError(f"{self.reference!r}: expected 'paper:table'", file=file, field="reference")
+
+    @property
+    def ref_paper_table(self) -> tuple[str, str]:
+        if self.reference:
+            p, _, t = self.reference.partition(":")
+            return p, t
+        return self.paper, self.table
+
+    def measure(self, column: str) -> Measure:
+        if column in self.measures:
+            m = self.measures[column]
+        elif column == "clean":
+            m = Measure(kind="clean")
+        elif _EPS.match(column):
+            m = Measure(kind="robust", eps=float(column))
+        else:
+            m = Measure(kind="none")
+        if not m.protocol:
+            m = Measure(kind=m.kind, protocol=self.protocol, eps=m.eps, attacks=list(m.attacks), member=m.member)
+        return m
+
+
+@dataclass
+class Heatmap:
+    paper: str = opt(help="report folder")
+    protocol: str = opt(help="a transferability protocol (attack 'X@source_member=i', member = j)")
+    eps: float = opt(0.03, min=0.0, help="DVERGE Figure 3: eps 0.03")
+    attack: str = opt("pgd", help="attack id before '@source_member='")
+    entries: list[str] = opt([], help="entries to draw (empty: every entry with a run)")
+    title: str = opt("Within-ensemble transferability (attack success rate)")
+
+
+@dataclass
+class Iterations:
+    paper: str = opt(help="report folder")
+    protocol: str = opt(help="protocol whose attack ids carry '@steps=K'")
+    title: str = opt("Accuracy vs attack iterations")
+    eps: float | None = opt(None, help="only outcomes at this eps (default: all)")
+
+
+@dataclass
+class TrainingTime:
+    paper: str = opt(help="report folder")
+    table: str = opt("training-time")
+    reference: str = opt("dverge:1", help="published training times (DVERGE Table 1)")
+    column: str = opt("training time", help="reference column")
+    baseline: str = opt("Baseline", help="row the ratios are relative to")
+    rows: dict[str, str] = opt({}, help="row label -> zoo entry name")
+    title: str = opt("Training time relative to the baseline")
+
+
+@dataclass
+class PaperInfo:
+    title: str = opt(help="heading of the paper's report page")
+    intro: str = opt("", help="a paragraph under the heading")
+    training_curves: list[str] = opt([], help="entries whose run logs are plotted (empty: every entry "
+                                              "of the paper's views that has a log)")
+
+
+@dataclass
+class ViewsFile:
+    papers: dict[str, Any] = opt({}, help="paper id -> [papers.<id>] table (PaperInfo)")
+    view: list[View] = opt([])
+    heatmap: list[Heatmap] = opt([])
+    iterations: list[Iterations] = opt([])
+    training_time: list[TrainingTime] = opt([])
+    headline_eps: dict[str, float] = opt({}, help="protocol -> eps ranked on the leaderboard "
+                                                  "(default: the median eps of the protocol's outcomes)")
+    leaderboard_exclude: list[str] = opt([], help="protocols not ranked (fnmatch), e.g. per-source "
+                                                  "accuracy protocols")
+
+    def validate(self, file: str) -> None:
+        for k, v in list(self.papers.items()):
+            if not isinstance(v, PaperInfo):
+                if not isinstance(v, dict):
+                    raise ConfigError("expected a table", file=file, field=f"papers.{k}")
+                self.papers[k] = parse_dataclass(PaperInfo, v, file=file, prefix=f"papers.{k}")
+        for i, v in enumerate(self.view):
+            if v.paper not in self.papers:
+                raise ConfigError(f"paper {v.paper!r} has no [papers.{v.paper}] table; known: "
+                                  f"{', '.join(sorted(self.papers))}", file=file, field=f"view[{i}].paper")
+
+
+def views_path() -> Path:
+    return reference_dir() / "views.toml"
+
+
+def load_views(path: Path | None = None) -> ViewsFile:
+    """Parse and validate the views file (ConfigError names the field on any mistake)."""
+    path = path or views_path()
+    try:
+        with open(path, "rb") as fh:
+            raw = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError("file not found", file=str(path)) from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"not valid TOML ({e})", file=str(path)) from None
+    return parse_dataclass(ViewsFile, raw, file=str(path))

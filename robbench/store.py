@@ -1,0 +1,450 @@
+"""The results store: one SQLite file of evaluation runs and their per-sample outcomes.
+
+Tables (schema version in ``meta``):
+- ``runs``: one evaluation of one checkpoint under one protocol (identity: entry, checkpoint hash,
+  protocol, protocol hash, overrides JSON, seed), with versions, times, status
+  ``running|done|failed|superseded`` and a JSON ``meta``.
+- ``outcomes``: per (run, attack id, eps, sample, member) whether the prediction was correct, and an
+  optional margin. ``member`` -1 is the whole model, j is member j. Clean accuracy is attack ``clean``
+  at eps 0; curves use ids like ``pgd@steps=100``; transferability ``pgd@source_member=i``.
+- ``batches``: the keys of committed batches. A batch's outcomes and its key commit in ONE
+  transaction, so a killed writer loses at most the batch in flight and a resume skips done keys.
+- ``run_meta``: per-run JSON extras (AutoAttack check warnings, EOT draws, failure reasons).
+
+WAL mode lets readers (reports) work while one process writes; a busy timeout makes writers wait
+instead of failing. ``synchronous=FULL``: a commit per batch is rare enough that durability against
+power loss costs nothing measurable.
+
+The query helpers at the bottom work on the DataFrames :meth:`Store.outcomes` returns.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import re
+import sqlite3
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from robbench.errors import UserError
+from robbench.paths import results_db
+
+SCHEMA_VERSION = 1
+RUN_STATUSES = ("running", "done", "failed", "superseded")
+OUTCOME_COLUMNS = ["run_id", "attack", "eps", "sample", "member", "correct", "margin"]
+BUSY_TIMEOUT_S = 60.0
+
+_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS runs (
+    run_id            INTEGER PRIMARY KEY AUTOINCREMENT,
+    entry             TEXT NOT NULL,
+    checkpoint_sha256 TEXT NOT NULL,
+    protocol          TEXT NOT NULL,
+    protocol_sha256   TEXT NOT NULL,
+    overrides         TEXT NOT NULL DEFAULT '[]',
+    seed              INTEGER,
+    versions          TEXT NOT NULL DEFAULT '{{}}',
+    started           TEXT NOT NULL,
+    finished          TEXT,
+    status            TEXT NOT NULL CHECK (status IN ({", ".join(repr(s) for s in RUN_STATUSES)})),
+    meta              TEXT NOT NULL DEFAULT '{{}}'
+);
+CREATE INDEX IF NOT EXISTS runs_identity ON runs (entry, protocol, checkpoint_sha256);
+CREATE TABLE IF NOT EXISTS outcomes (
+    run_id  INTEGER NOT NULL REFERENCES runs (run_id),
+    attack  TEXT    NOT NULL,
+    eps     REAL    NOT NULL,
+    sample  INTEGER NOT NULL,
+    member  INTEGER NOT NULL DEFAULT -1,
+    correct INTEGER NOT NULL CHECK (correct IN (0, 1)),
+    margin  REAL,
+    PRIMARY KEY (run_id, attack, eps, sample, member)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS outcomes_run_attack_eps ON outcomes (run_id, attack, eps);
+CREATE TABLE IF NOT EXISTS batches (
+    run_id       INTEGER NOT NULL REFERENCES runs (run_id),
+    batch_key    TEXT    NOT NULL,
+    committed_at TEXT    NOT NULL,
+    PRIMARY KEY (run_id, batch_key)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS run_meta (
+    run_id INTEGER NOT NULL REFERENCES runs (run_id),
+    key    TEXT    NOT NULL,
+    value  TEXT    NOT NULL,
+    PRIMARY KEY (run_id, key)
+) WITHOUT ROWID;
+"""
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="microseconds")
+
+
+def canonical_json(obj: Any) -> str:
+    """Key-sorted compact JSON: equal overrides give equal strings (part of a run's identity)."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+class Store:
+    """A results store file (default :func:`robbench.paths.results_db`); parent folders are created."""
+
+    def __init__(self, path: str | Path | None = None) -> None:
+        self.path = Path(path) if path is not None else results_db()
+        memory = str(self.path) == ":memory:"
+        if not memory:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        # isolation_level=None: we issue BEGIN IMMEDIATE ourselves, so each batch is exactly one transaction.
+        self.conn = sqlite3.connect(str(self.path), timeout=BUSY_TIMEOUT_S, isolation_level=None)
+        try:
+            self.conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+            if not memory:
+                self.conn.execute("PRAGMA journal_mode = WAL")
+            self.conn.execute("PRAGMA synchronous = FULL")
+            self.conn.execute("PRAGMA foreign_keys = ON")
+            self._init_schema()
+        except sqlite3.OperationalError as e:
+            self.conn.close()
+            if "locked" in str(e) or "busy" in str(e):
+                raise UserError(f"locked by another process for over {BUSY_TIMEOUT_S:.0f} s ({e})",
+                                file=str(self.path)) from None
+            raise UserError(f"cannot open the results store ({e})", file=str(self.path)) from None
+        except sqlite3.DatabaseError as e:
+            self.conn.close()
+            raise UserError(f"not a robbench results store ({e}); pass another --db", file=str(self.path)) from None
+
+    def _read_version(self) -> str | None:
+        has_meta = self.conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'").fetchone()
+        if not has_meta:
+            return None
+        row = self.conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        return None if row is None else row[0]
+
+    def _init_schema(self) -> None:
+        # Readers must open while a writer is mid-batch: take the write lock only to create the schema.
+        version = self._read_version()
+        if version is not None:
+            if int(version) != SCHEMA_VERSION:
+                raise UserError(f"schema version {version}; this robbench reads version {SCHEMA_VERSION}",
+                                file=str(self.path), field="meta.schema_version")
+            return
+        with self._tx():
+            # One statement at a time: executescript would commit our transaction first.
+            for stmt in _SCHEMA.split(";"):
+                if stmt.strip():
+                    self.conn.execute(stmt)
+            row = self.conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            if row is None:
+                self.conn.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            elif int(row[0]) != SCHEMA_VERSION:
+                raise UserError(f"schema version {row[0]}; this robbench reads version {SCHEMA_VERSION}",
+                                file=str(self.path), field="meta.schema_version")
+
+    # -- plumbing ------------------------------------------------------------------------------
+    class _Tx:
+        def __init__(self, conn: sqlite3.Connection) -> None:
+            self.conn = conn
+
+        def __enter__(self) -> sqlite3.Connection:
+            self.conn.execute("BEGIN IMMEDIATE")  # take the write lock now: no upgrade deadlocks
+            return self.conn
+
+        def __exit__(self, exc_type: Any, *_: Any) -> None:
+            self.conn.execute("COMMIT" if exc_type is None else "ROLLBACK")
+
+    def _tx(self) -> "Store._Tx":
+        return Store._Tx(self.conn)
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self.close()
+
+    def schema_version(self) -> int:
+        return int(self.conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0])
+
+    # -- runs ----------------------------------------------------------------------------------
+    _IDENTITY = ("entry = ? AND checkpoint_sha256 = ? AND protocol = ? AND protocol_sha256 = ? "
+                 "AND overrides = ? AND seed IS ?")
+
+    def find_run(self, entry: str, checkpoint_sha256: str, protocol: str, protocol_sha256: str,
+                 overrides: Any = None, seed: int | None = None) -> int | None:
+        """The newest non-superseded run with this identity, or None."""
+        row = self.conn.execute(
+            f"SELECT run_id FROM runs WHERE {self._IDENTITY} AND status != 'superseded' "
+            "ORDER BY run_id DESC LIMIT 1",
+            (entry, checkpoint_sha256, protocol, protocol_sha256, canonical_json(overrides or []), seed),
+        ).fetchone()
+        return None if row is None else int(row[0])
+
+    def start_run(self, entry: str, checkpoint_sha256: str, protocol: str, protocol_sha256: str,
+                  overrides: Any = None, seed: int | None = None, meta: dict[str, Any] | None = None,
+                  force: bool = False, versions: dict[str, Any] | None = None) -> int:
+        """Return the run to write into. An existing run with the same identity is returned as is
+        (running or failed: it resumes, status back to running; done: the caller sees it is done via
+        :meth:`run` and skips it). ``force`` marks it superseded and starts a new one."""
+        if versions is None:
+            from robbench.checkpoint import library_versions
+
+            versions = library_versions()
+        ident = (entry, checkpoint_sha256, protocol, protocol_sha256, canonical_json(overrides or []), seed)
+        with self._tx() as c:
+            row = c.execute(f"SELECT run_id, status FROM runs WHERE {self._IDENTITY} AND status != 'superseded' "
+                            "ORDER BY run_id DESC LIMIT 1", ident).fetchone()
+            if row is not None and not force:
+                if row[1] == "failed":
+                    c.execute("UPDATE runs SET status = 'running', finished = NULL WHERE run_id = ?", (row[0],))
+                return int(row[0])
+            if row is not None:
+                c.execute("UPDATE runs SET status = 'superseded' WHERE run_id = ?", (row[0],))
+            cur = c.execute(
+                "INSERT INTO runs (entry, checkpoint_sha256, protocol, protocol_sha256, overrides, seed, versions, "
+                "started, status, meta) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'running', ?)",
+                (*ident, canonical_json(versions), _now(), canonical_json(meta or {})))
+            return int(cur.lastrowid)
+
+    def run(self, run_id: int) -> dict[str, Any]:
+        """One run as a dict (JSON columns decoded)."""
+        df = self.runs(run_id=run_id)
+        if df.empty:
+            raise KeyError(f"no run {run_id} in {self.path}")
+        return df.iloc[0].to_dict()
+
+    def _set_status(self, run_id: int, status: str) -> None:
+        with self._tx() as c:
+            cur = c.execute("UPDATE runs SET status = ?, finished = ? WHERE run_id = ?", (status, _now(), run_id))
+            if cur.rowcount != 1:
+                raise KeyError(f"no run {run_id} in {self.path}")
+
+    def finish_run(self, run_id: int) -> None:
+        self._set_status(run_id, "done")
+
+    def fail_run(self, run_id: int, reason: str | None = None) -> None:
+        """Mark failed (committed batches stay; :meth:`start_run` with the same identity resumes it)."""
+        self._set_status(run_id, "failed")
+        if reason:
+            self.put_meta(run_id, "failure", reason)
+
+    def put_meta(self, run_id: int, key: str, value: Any) -> None:
+        """Store a JSON-able per-run extra under ``key`` (replaces an older value)."""
+        with self._tx() as c:
+            c.execute("INSERT OR REPLACE INTO run_meta (run_id, key, value) VALUES (?, ?, ?)",
+                      (run_id, key, canonical_json(value)))
+
+    def get_meta(self, run_id: int, key: str | None = None) -> Any:
+        """One extra (None when absent) or, without ``key``, all of them as a dict."""
+        if key is not None:
+            row = self.conn.execute("SELECT value FROM run_meta WHERE run_id = ? AND key = ?", (run_id, key)).fetchone()
+            return None if row is None else json.loads(row[0])
+        rows = self.conn.execute("SELECT key, value FROM run_meta WHERE run_id = ? ORDER BY key", (run_id,))
+        return {k: json.loads(v) for k, v in rows}
+
+    # -- outcomes ------------------------------------------------------------------------------
+    def write_batch(self, run_id: int, batch_key: str,
+                    rows: Iterable[tuple[str, float, int, int, Any, float | None]]) -> bool:
+        """Commit a batch's outcome rows ``(attack, eps, sample, member, correct, margin|None)`` and its
+        key in one transaction. An already committed key is a no-op (returns False). Rows are
+        converted from numpy/torch scalars; a row colliding with a stored one is an error."""
+        with self._tx() as c:
+            if c.execute("SELECT 1 FROM batches WHERE run_id = ? AND batch_key = ?", (run_id, batch_key)).fetchone():
+                return False
+            c.executemany(
+                "INSERT INTO outcomes (run_id, attack, eps, sample, member, correct, margin) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                ((run_id, str(a), float(e), int(s), int(m), int(bool(ok)), None if mg is None else float(mg))
+                 for a, e, s, m, ok, mg in rows))
+            c.execute("INSERT INTO batches (run_id, batch_key, committed_at) VALUES (?, ?, ?)",
+                      (run_id, batch_key, _now()))
+        return True
+
+    def done_batches(self, run_id: int) -> set[str]:
+        return {r[0] for r in self.conn.execute("SELECT batch_key FROM batches WHERE run_id = ?", (run_id,))}
+
+    # -- queries -------------------------------------------------------------------------------
+    def runs(self, **filters: Any) -> pd.DataFrame:
+        """Runs matching column filters (``entry=``, ``protocol=``, ``status=``, ``run_id=`` ...; a list or
+        tuple means any of), JSON columns decoded, oldest first."""
+        where, params = _where(filters, {k: k for k in _RUN_FILTERS})
+        df = pd.read_sql_query(f"SELECT * FROM runs{where} ORDER BY run_id", self.conn, params=params)
+        for col in ("overrides", "versions", "meta"):
+            df[col] = df[col].map(json.loads)
+        return df
+
+    def outcomes(self, run_id: int | Sequence[int] | None = None, **filters: Any) -> pd.DataFrame:
+        """Outcome rows (columns run_id, attack, eps, sample, member, correct, margin). Filters: ``attack``,
+        ``eps``, ``sample``, ``member`` on outcomes; ``entry``, ``protocol``, ``status``,
+        ``checkpoint_sha256`` on the run (a list or tuple means any of)."""
+        if run_id is not None:
+            filters["run_id"] = run_id
+        columns = {**{k: f"r.{k}" for k in _RUN_FILTERS}, **{k: f"o.{k}" for k in _OUTCOME_FILTERS}}
+        where, params = _where(filters, columns)
+        sql = (f"SELECT o.run_id, o.attack, o.eps, o.sample, o.member, o.correct, o.margin FROM outcomes o "
+               f"JOIN runs r ON r.run_id = o.run_id{where} ORDER BY o.run_id, o.attack, o.eps, o.sample, o.member")
+        df = pd.read_sql_query(sql, self.conn, params=params)
+        df["margin"] = df["margin"].astype(float)
+        return df
+
+    def count_outcomes(self, run_id: int) -> int:
+        return int(self.conn.execute("SELECT COUNT(*) FROM outcomes WHERE run_id = ?", (run_id,)).fetchone()[0])
+
+
+_OUTCOME_FILTERS = ("run_id", "attack", "eps", "sample", "member")
+_RUN_FILTERS = ("run_id", "entry", "protocol", "status", "checkpoint_sha256", "protocol_sha256", "seed")
+
+
+def _where(filters: dict[str, Any], columns: dict[str, str]) -> tuple[str, list[Any]]:
+    """`` WHERE col IN (?, ...) AND ...`` for filters named in ``columns`` (filter name -> SQL column)."""
+    clauses, params = [], []
+    for key, value in filters.items():
+        if key not in columns:
+            raise TypeError(f"unknown filter {key!r}; allowed: {', '.join(sorted(columns))}")
+        col = columns[key]
+        values = list(value) if isinstance(value, (list, tuple, set, frozenset, np.ndarray)) else [value]
+        values = [v.item() if isinstance(v, np.generic) else v for v in values]
+        clauses.append(f"{col} IN ({', '.join('?' * len(values))})" if values else "0")
+        params.extend(values)
+    return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
+
+
+# ----------------------------------------------------------------------------------------------
+# Query helpers (pandas)
+# ----------------------------------------------------------------------------------------------
+
+def wilson_interval(k: Any, n: Any, z: float = 1.959963984540054) -> tuple[Any, Any]:
+    """Wilson score interval for k successes in n trials (95% by default; z = Φ⁻¹(0.975)).
+    Works on scalars or arrays; n = 0 gives NaN."""
+    k_arr = np.asarray(k, dtype=float)
+    n_arr = np.asarray(n, dtype=float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        p = k_arr / n_arr
+        denom = 1.0 + z * z / n_arr
+        centre = (p + z * z / (2 * n_arr)) / denom
+        half = z * np.sqrt(p * (1 - p) / n_arr + z * z / (4 * n_arr * n_arr)) / denom
+        lo, hi = np.clip(centre - half, 0.0, 1.0), np.clip(centre + half, 0.0, 1.0)
+    lo = np.where(n_arr > 0, lo, np.nan)
+    hi = np.where(n_arr > 0, hi, np.nan)
+    if lo.ndim == 0:
+        return float(lo), float(hi)
+    return lo, hi
+
+
+def _keys(df: pd.DataFrame, *cols: str) -> list[str]:
+    return (["run_id"] if "run_id" in df.columns else []) + list(cols)
+
+
+def _with_accuracy(g: pd.DataFrame) -> pd.DataFrame:
+    g["accuracy"] = g["correct"] / g["n"]
+    g["ci_low"], g["ci_high"] = wilson_interval(g["correct"].to_numpy(), g["n"].to_numpy())
+    return g
+
+
+def all_or_nothing(df: pd.DataFrame, attacks: Sequence[str] | None = None,
+                   members: Sequence[int] | None = (-1,)) -> pd.DataFrame:
+    """Per (run_id,) eps and member: the fraction of samples correct under EVERY listed attack
+    (``attacks=None``: every attack present at that eps). Columns: run_id, eps, member, n, correct,
+    accuracy, ci_low, ci_high (Wilson 95%).
+
+    A sample lacking a row for a listed attack is an error when it would otherwise count as robust
+    (never silently robust). It is accepted when another attack at that eps already fooled it: an
+    early-stopping engine may skip the rest, and the result is the same."""
+    d = df
+    if members is not None:
+        d = d[d["member"].isin(list(members))]
+    if attacks is not None:
+        d = d[d["attack"].isin(list(attacks))]
+    keys = _keys(d, "eps", "member")
+    out_cols = keys + ["n", "correct", "accuracy", "ci_low", "ci_high"]
+    if d.empty:
+        if attacks is not None and len(df):
+            raise ValueError(f"no outcome rows for attacks {list(attacks)} and members {members}")
+        return pd.DataFrame(columns=out_cols)
+    if attacks is None:
+        expected = d.groupby(keys)["attack"].nunique().rename("expected")
+    else:
+        expected = pd.Series(len(set(attacks)), index=d.groupby(keys).size().index, name="expected")
+    per = d.groupby(keys + ["sample"]).agg(rows=("attack", "size"), ok=("correct", "min")).reset_index()
+    dup = d.duplicated(keys + ["sample", "attack"])
+    if dup.any():
+        raise ValueError(f"duplicate outcome rows, e.g. {d[dup].iloc[0][keys + ['sample', 'attack']].to_dict()}")
+    per = per.join(expected, on=keys)
+    missing = (per["rows"] < per["expected"]) & (per["ok"] == 1)
+    if missing.any():
+        bad = per[missing].iloc[0]
+        have = set(d[(d[keys + ["sample"]] == bad[keys + ["sample"]]).all(axis=1)]["attack"])
+        want = set(attacks) if attacks is not None else set(d[(d[keys] == bad[keys]).all(axis=1)]["attack"])
+        raise ValueError(f"{int(missing.sum())} sample(s) lack attack rows and are not fooled by any other: "
+                         f"e.g. sample {int(bad['sample'])} at eps {bad['eps']} member {int(bad['member'])} "
+                         f"misses {sorted(want - have)}")
+    g = per.groupby(keys).agg(n=("sample", "size"), correct=("ok", "sum")).reset_index()
+    return _with_accuracy(g)[out_cols]
+
+
+def per_attack_accuracy(df: pd.DataFrame) -> pd.DataFrame:
+    """Accuracy per (run_id,) attack, eps, member with n and a Wilson 95% interval."""
+    keys = _keys(df, "attack", "eps", "member")
+    g = df.groupby(keys).agg(n=("correct", "size"), correct=("correct", "sum")).reset_index()
+    return _with_accuracy(g)
+
+
+def per_member_accuracy(df: pd.DataFrame) -> pd.DataFrame:
+    """Wide table: rows (run_id,) attack, eps; one column per member id (-1 = whole model); accuracy."""
+    acc = per_attack_accuracy(df)
+    keys = _keys(df, "attack", "eps")
+    wide = acc.pivot_table(index=keys, columns="member", values="accuracy")
+    wide.columns.name = "member"
+    return wide
+
+
+_SOURCE_RE = re.compile(r"(?:^|[,;&])source_member=(\d+)(?:$|[,;&])")
+
+
+def _source_member(attack: str, prefix: str) -> int | None:
+    if not attack.startswith(prefix + "@"):
+        return None
+    m = _SOURCE_RE.search(attack[len(prefix) + 1:])
+    return None if m is None else int(m.group(1))
+
+
+def transfer_matrix(df: pd.DataFrame, attack_prefix: str, eps: float | None = None,
+                    value: str = "accuracy") -> pd.DataFrame:
+    """Within-ensemble transferability: rows = source member i (attack ``<prefix>@source_member=i``),
+    columns = target member 0..N-1 then ``ensemble`` (member -1). ``value``: ``accuracy`` or
+    ``success`` (1 - accuracy: on samples every member classifies correctly, the attack success rate
+    DVERGE's heatmaps show). Needs a single eps (pass ``eps`` when the rows hold several) and one run."""
+    if value not in ("accuracy", "success"):
+        raise ValueError("value must be 'accuracy' or 'success'")
+    src = df["attack"].map(lambda a: _source_member(a, attack_prefix))
+    d = df.assign(source=src)[src.notna()]
+    if eps is not None:
+        d = d[np.isclose(d["eps"], eps)]
+    if d.empty:
+        raise ValueError(f"no rows for attack ids '{attack_prefix}@source_member=i'" + (f" at eps {eps}" if eps else ""))
+    if d["eps"].nunique() > 1:
+        raise ValueError(f"rows hold several eps {sorted(d['eps'].unique())}; pass eps=")
+    if "run_id" in d.columns and d["run_id"].nunique() > 1:
+        raise ValueError("rows hold several runs; select one run")
+    acc = d.groupby(["source", "member"])["correct"].mean().unstack("member")
+    n_members = int(max(acc.index.max(), max((c for c in acc.columns if c >= 0), default=-1))) + 1
+    acc = acc.reindex(index=range(n_members), columns=[*range(n_members), -1])
+    acc.index = pd.Index([int(i) for i in acc.index], name="source")
+    acc.columns = pd.Index([*range(n_members), "ensemble"], name="target")
+    return 1.0 - acc if value == "success" else acc
+
+
+def latest_runs(store: Store, protocol: str) -> pd.DataFrame:
+    """The newest done run per entry for ``protocol`` (by finish time, then run id)."""
+    df = store.runs(protocol=protocol, status="done")
+    if df.empty:
+        return df
+    df = df.sort_values(["finished", "run_id"])
+    return df.groupby("entry", as_index=False).tail(1).sort_values("entry").reset_index(drop=True)
+

@@ -1,0 +1,133 @@
+"""``robbench train zoo/<entry>``: train one zoo entry into ``<runs_dir>/<entry>/``.
+
+Load and validate the entry (``--set``/``--epochs`` overrides are part of its resolved config and are
+recorded in the manifest), seed, build the ensemble, then either
+- report a complete run of the same config and return without training,
+- resume a partial run from its train state, or
+- start fresh, from ``train.init_from``'s trained weights when set (missing -> a one-line error naming
+  ``robbench train zoo/<that entry>``),
+train with the one loop, and save the final weights and a ``complete`` manifest.
+
+Under ``torchrun`` (WORLD_SIZE > 1) the process group is set up here: gloo on CPU, NCCL on CUDA.
+"""
+from __future__ import annotations
+
+import random
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from robbench.checkpoint import RunDir, load_trained
+from robbench.config import ZooEntry, load_entry
+from robbench.device import pick_device
+from robbench.errors import CheckpointError, ConfigError, UserError
+from robbench.registry import METHODS
+from robbench.train.loop import DistEnv, dist_env_from_environment, train_loop
+
+
+def seed_everything(seed: int) -> None:
+    """torch (CPU and CUDA), Python ``random`` and numpy (the reference seeds torch and random)."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+def _device_for(env: DistEnv, name: str | None) -> torch.device:
+    if env.enabled and name is None and torch.cuda.is_available():
+        return torch.device("cuda", env.local_rank)
+    dev = pick_device(name)
+    if env.enabled and dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", env.local_rank)
+    return dev
+
+
+def init_distributed(device_name: str | None) -> tuple[DistEnv, torch.device]:
+    env = dist_env_from_environment()
+    device = _device_for(env, device_name)
+    if env.enabled and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return env, device
+
+
+def load_init_from(entry: ZooEntry, model: torch.nn.Module, runs_dir: Path | str | None,
+                   device: torch.device) -> dict[str, Any]:
+    """Copy ``train.init_from``'s trained weights into ``model``; returns provenance for the manifest."""
+    name = entry.train.init_from
+    assert name is not None
+    try:
+        src, manifest = load_trained(name, runs_dir, device)
+    except CheckpointError as e:
+        raise UserError(f"starts from {name!r}, which is not trained here ({e}); train it first with: "
+                        f"robbench train zoo/{name}", file=entry.source, field="train.init_from") from None
+    sd = src.state_dict()
+    mine = model.state_dict()
+    bad = [k for k in mine if k not in sd or sd[k].shape != mine[k].shape] + [k for k in sd if k not in mine]
+    if bad:
+        raise ConfigError(f"{name!r} has a different architecture (e.g. {bad[0]}); init_from needs the same "
+                          f"model table (arch, members, width)", file=entry.source, field="train.init_from")
+    model.load_state_dict(sd)
+    return {"entry": name, "weights_sha256": manifest["files"].get("model.safetensors"),
+            "entry_sha256": manifest["entry_sha256"]}
+
+
+def train_entry(spec: str, overrides: list[str] | None = None, device: str | None = None,
+                runs_dir: str | Path | None = None, data_root: str | Path | None = None,
+                progress: bool = True) -> dict[str, Any]:
+    """Train (or resume, or confirm) one zoo entry; returns the run's manifest (rank 0's view)."""
+    from robbench.data import get_info
+    from robbench.models import build_model
+
+    entry = load_entry(spec, overrides)
+    method_cls = METHODS.get(entry.train.method, file=entry.source, field="train.method")
+    if getattr(method_cls, "needs_init_from", False) and not entry.train.init_from:
+        raise ConfigError(f"method {entry.train.method!r} starts from a trained model; set train.init_from",
+                          file=entry.source, field="train.init_from")
+    if entry.train.init_from == entry.name:
+        raise ConfigError("an entry cannot start from itself", file=entry.source, field="train.init_from")
+    env, dev = init_distributed(device)
+    try:
+        run = RunDir(runs_dir, entry.name)
+        if run.exists():
+            m = run.read_manifest()
+            if m["status"] == "complete" and m["entry_sha256"] == entry.sha256():
+                if env.is_main:
+                    print(f"{entry.name}: already trained ({m.get('epochs_done')} epochs) in {run.path}; "
+                          "nothing to do", file=sys.stderr)
+                return m
+        seed_everything(entry.train.seed)
+        info = get_info(entry.data.dataset, entry.data.options)
+        model = build_model(entry, info).to(dev)
+        method = method_cls(entry.method_params)
+
+        resuming = run.exists() and "train_state.pt" in run.read_manifest().get("files", {})
+        extra: dict[str, Any] = {"device": str(dev), "world_size": env.world_size}
+        if entry.train.init_from and not resuming:
+            extra["init_from"] = load_init_from(entry, model, runs_dir, dev)
+        if env.is_main:
+            run.begin(entry, extra=extra)  # a run of another config here is a one-line error
+        env.barrier()
+        if env.enabled:  # after identical init: per-rank randomness (noise, random starts) differs
+            seed_everything(entry.train.seed + 1000003 * env.rank)
+
+        result = train_loop(entry, model, method, run, device=dev, data_root=data_root, env=env,
+                            progress=progress)
+        manifest: dict[str, Any] = {}
+        last = result.last or (run.read_log()[-1] if env.is_main and run.read_log() else {})
+        if env.is_main:
+            manifest = run.save_final(model, entry, extra={
+                "rank_weights_sha256": result.rank_weights_sha256,
+                "final_test_acc": last.get("test_acc"),
+                "final_member_test_acc": last.get("member_test_acc"),
+            }, epochs_done=result.epochs_done)
+            print(f"{entry.name}: complete ({result.epochs_done} epochs) -> {run.path}", file=sys.stderr)
+        env.barrier()
+        return manifest
+    finally:
+        if env.enabled and dist.is_initialized():
+            dist.destroy_process_group()
