@@ -200,7 +200,8 @@ def state_dict_for_save(model: "nn.Module") -> dict[str, torch.Tensor]:
 
 def save_state_dict_file(path: str | Path, tensors: Mapping[str, torch.Tensor],
                          metadata: Mapping[str, str] | None = None) -> str:
-    """Write a safetensors file atomically; returns its sha256."""
+    """Write a safetensors file atomically; returns its sha256. Tensors are copied to contiguous CPU
+    memory first (so tied or channels_last tensors are fine)."""
     from safetensors.torch import save
 
     clean = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
@@ -443,7 +444,7 @@ class RunDir:
     def save_weights(self, model: "nn.Module", epochs_done: int | None = None) -> str:
         """Write the current weights to ``model.safetensors`` (status unchanged); returns its sha256."""
         m = self.read_manifest()
-        sha = save_state_dict_file(self.weights_path, state_dict_for_save(model),
+        sha = save_state_dict_file(self.weights_path, model.state_dict(),  # copies to contiguous CPU
                                    {"entry": m["entry"], "entry_sha256": m["entry_sha256"]})
         m["files"][WEIGHTS] = sha
         if epochs_done is not None:

@@ -370,6 +370,8 @@ def test_record_steps_match_separate_runs(net, batch, mode):
 
 def test_no_param_grads_and_mode_untouched(net, batch):
     x, y = batch
+    for p in net.parameters():
+        p.grad = None  # peer libraries (advertorch: loss.backward()) leave them on the shared fixture
     net.train()
     try:
         iterative_attack(net, x, y, 0.05, steps=2, step_size=0.01, evaluate=False)

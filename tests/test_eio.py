@@ -175,3 +175,174 @@ def test_random_path_deployment_varies_and_is_seeded():
     r2 = path_draw_accuracy(rgn, x, y, draws=4, seed=1)
     assert r1 == r2 and len(r1["per_draw"]) == 4 and rgn.gate_mode == "per_forward"
     assert isinstance(find_rgn(nn.Sequential(rgn)), RandomGatedNetwork)
+
+
+# ------------------------------------------------------------------------------- training and derive
+SMALL = ["model.width=0.25", "data.dataset=synthetic", "data.options.n_train=128", "data.options.n_test=64",
+         "data.batch_size=64", "data.test_batch_size=64", "train.epochs=2", "train.schedule.milestones=[1]",
+         "train.save_every_steps=1"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """demo_eio_pretrain then demo_eio (diversification), 2 epochs of 2 batches each, tiny synthetic data."""
+    from robbench.train.run import train_entry
+
+    root = tmp_path_factory.mktemp("eio_runs")
+    train_entry("demo_eio_pretrain", overrides=SMALL, runs_dir=root, progress=False)
+    train_entry("demo_eio", overrides=SMALL, runs_dir=root, progress=False)
+    return root
+
+
+def test_both_phases_follow_the_paper_schedule(runs):
+    from robbench.checkpoint import RunDir
+
+    for name in ("demo_eio_pretrain", "demo_eio"):
+        log = RunDir(runs, name).read_log()
+        # each phase starts at the initial lr and decays at its own milestone (no carried-over lr)
+        assert [r["lr"] for r in log] == pytest.approx([0.1, 0.1 * 0.1])
+    div = RunDir(runs, "demo_eio").read_log()[0]["losses"]
+    assert div["div_loss"] > 0 and 1 <= div["layer"] <= 20 and 2 <= div["paths"] <= 3
+    m = RunDir(runs, "demo_eio").read_manifest()
+    assert m["extra"]["init_from"]["entry"] == "demo_eio_pretrain"
+
+
+def test_diversification_step_accumulates_over_paths_and_adv_train_runs():
+    """One step by hand: distilled sets differ per path, every sampled path's gates get gradients, and
+    the EIO+AdvT objective adds its PGD term."""
+    from robbench.config import load_entry
+    from robbench.data import get_info
+    from robbench.models import build_model
+    from robbench.train.loop import TrainContext, build_optimizers
+    from robbench.train.methods import Batch
+    from robbench.train.methods.eio import EnsembleInOne
+
+    for adv in (False, True):
+        e = load_entry("demo_eio", [*SMALL, "train.params.from_scratch=true", f"train.params.adv_train={str(adv).lower()}",
+                                    "train.params.adv_steps=2", "train.params.distill_steps=2", "train.params.layer=3"])
+        torch.manual_seed(0)
+        model = build_model(e, get_info("synthetic"))
+        model.train()
+        ctx = TrainContext(entry=e, model=model, optimizers=build_optimizers(model, list(model.members), e.train.optimizer),
+                           device=torch.device("cpu"), dist=__import__("robbench.train.loop", fromlist=["DistEnv"]).DistEnv(),
+                           seed=0, num_classes=10)
+        method = EnsembleInOne(e.method_params)
+        method.setup(ctx)
+        rgn = find_rgn(model)
+        seen: list[tuple[int, ...]] = []
+        real_step = ctx.step_optimizers
+
+        def spy() -> None:
+            for i, blk in enumerate(rgn.blocks[:3]):  # the first 3 gates feed layer 3
+                used = {p[i] for p in seen}
+                for k in range(rgn.n):
+                    has = blk.convs[k].weight.grad is not None
+                    assert has == (k in used)
+            real_step()
+
+        ctx.step_optimizers = spy  # type: ignore[method-assign]
+        orig = rgn.sample_paths
+        rgn.sample_paths = lambda *a, **kw: seen.extend(orig(*a, **kw)) or list(seen)  # type: ignore[method-assign]
+        x = torch.rand(8, 3, 8, 8)
+        out = method.step(ctx, Batch(x, torch.arange(8) % 10, ((torch.rand(8, 3, 8, 8), torch.zeros(8, dtype=torch.long)),)))
+        assert out["layer"] == 3 and out["paths"] == 3
+        assert ("adv_loss" in out) == adv and out["loss"] > out["div_loss"] * (1.0 if not adv else 1.0 - 1e-9)
+        assert rgn.gate_mode == "per_input"  # back to deployment gates for evaluation
+
+
+def test_configuration_errors_name_the_field(tmp_path):
+    from robbench.train.run import train_entry
+
+    with pytest.raises(ConfigError, match="train.init_from"):
+        train_entry("demo_eio_pretrain", overrides=[*SMALL, "train.params.phase=diversify"], runs_dir=tmp_path,
+                    progress=False)
+    with pytest.raises(ConfigError, match="model.transform"):
+        train_entry("demo_eio_pretrain", overrides=[*SMALL, "model.members=2"], runs_dir=tmp_path / "b",
+                    progress=False)
+
+
+def test_resume_after_interrupt_gives_identical_weights(runs, tmp_path, monkeypatch):
+    import shutil
+
+    from robbench.checkpoint import RunDir
+    from robbench.train.methods.eio import EnsembleInOne
+    from robbench.train.run import train_entry
+
+    shutil.copytree(runs / "demo_eio_pretrain", tmp_path / "demo_eio_pretrain")
+    real = EnsembleInOne.step
+
+    def flaky(self, ctx, batch):
+        if ctx.global_step == 3:
+            raise KeyboardInterrupt
+        return real(self, ctx, batch)
+
+    monkeypatch.setattr(EnsembleInOne, "step", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        train_entry("demo_eio", overrides=SMALL, runs_dir=tmp_path, progress=False)
+    assert RunDir(tmp_path, "demo_eio").read_manifest()["status"] == "training"
+    monkeypatch.setattr(EnsembleInOne, "step", real)
+    m = train_entry("demo_eio", overrides=SMALL, runs_dir=tmp_path, progress=False)
+    ref = RunDir(runs, "demo_eio").read_manifest()
+    assert m["status"] == "complete"
+    assert m["extra"]["rank_weights_sha256"] == ref["extra"]["rank_weights_sha256"]
+
+
+def test_derive_writes_plain_runs_equal_to_the_rgn_paths_and_finetunes(runs, tmp_path):
+    from robbench.checkpoint import RunDir, load_trained
+    from robbench.eio.derive import derive_paths
+
+    names = derive_paths("demo_eio", count=2, seed=0, runs_dir=runs)
+    assert names == ["demo_eio_path0", "demo_eio_path1", "demo_eio_ens2"]
+    rgn_model, _ = load_trained("demo_eio", runs)
+    rgn = find_rgn(rgn_model)
+    assert rgn.randomized  # loaded for evaluation: random-path deployment
+    x = torch.rand(5, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    ens, man = load_trained("demo_eio_ens2", runs)
+    assert not any(isinstance(m, RandomGatedNetwork) for m in ens.modules())
+    assert "rgn" not in man["config"]["tags"] and "eio-derived" in man["config"]["tags"]
+    for i in range(2):
+        plain, m = load_trained(f"demo_eio_path{i}", runs)
+        path = m["extra"]["eio_paths"][0]
+        assert path == man["extra"]["eio_paths"][i]
+        rgn.set_path(path)
+        with torch.no_grad():
+            torch.testing.assert_close(plain(x), rgn(x), rtol=0, atol=0)
+            torch.testing.assert_close(ens.members[i](x), rgn(x), rtol=0, atol=0)
+    assert derive_paths("demo_eio", count=2, seed=0, runs_dir=runs) == names  # same seed, same paths
+    assert load_trained("demo_eio_path1", runs)[1]["extra"]["eio_paths"] == man["extra"]["eio_paths"][1:]
+    one = derive_paths("demo_eio", path=",".join("1" * rgn.num_gates), runs_dir=runs)
+    assert one == ["demo_eio_path-" + "1" * rgn.num_gates]
+    with pytest.raises(ConfigError, match="path"):
+        derive_paths("demo_eio", path="0,1", runs_dir=runs)
+    # fine-tuning entry: derived paths then trained with its recipe, plus the assembled ensemble
+    ft = tmp_path / "ft_test.toml"
+    ft.write_text('extends = "demo_eio_ft"\n[model]\nwidth = 0.25\n[data]\ndataset = "synthetic"\nbatch_size = 64\n'
+                  'test_batch_size = 64\n[data.options]\nn_train = 128\nn_test = 64\n[train]\nepochs = 1\n')
+    names = derive_paths(str(ft), count=2, seed=0, runs_dir=runs)
+    assert names[-3:] == ["ft_test_path0", "ft_test_path1", "ft_test_ens2"]
+    tuned = RunDir(runs, "ft_test_path0").read_manifest()
+    assert tuned["extra"]["init_from"]["entry"] == "demo_eio_path0" and tuned["epochs_done"] == 1
+    assert load_trained("ft_test_ens2", runs)[0].num_members == 2
+    bad = tmp_path / "ft_bad.toml"
+    bad.write_text('extends = "demo_eio_ft"\n[data]\ndataset = "synthetic"\n')
+    with pytest.raises(ConfigError, match="model.width"):
+        derive_paths(str(bad), runs_dir=runs)
+
+
+def test_random_path_model_eot_evaluation_is_seeded():
+    from robbench.evaluate.engine import is_randomized, run_attack
+    from robbench.evaluate.protocol import load_protocol
+    from robbench.models import Ensemble
+
+    model = Ensemble([rgn_transform(resnet(), {})]).eval()
+    assert is_randomized(model)
+    proto = load_protocol("demo-whitebox", ["attacks.0.params.steps=3"])
+    spec = proto.attacks[0]
+    x, y = x_batch(12), torch.arange(12) % 10
+    eps = torch.full((12,), 0.1)
+    outs = []
+    for noise in (1, 2):
+        torch.manual_seed(noise)  # whatever state the global RNG is in before the attack
+        o = run_attack(spec, model, x, y, eps, randomized=True, eot_samples=2, seed_parts=(0, "t", 0))
+        outs.append(o.fooled)
+    assert torch.equal(outs[0], outs[1])

@@ -38,6 +38,7 @@ curves = true
 "GAL/3" = "gal_resnet20_x3"
 "DVERGE/3" = "dverge_resnet20_x3"
 "AdvT/3" = "advt_resnet20_x3"
+"DVERGE+AdvT/3" = "dverge_advt_resnet20_x3"
 
 [[view]]
 paper = "fix"
@@ -201,3 +202,169 @@ def test_report_matches_golden_markdown(report: Path) -> None:
     if os.environ.get("ROBBENCH_UPDATE_GOLDEN"):
         golden.write_text(text)
     assert text == golden.read_text()
+
+
+def test_unrun_cells_are_marked_not_hidden(report: Path) -> None:
+    text = (report / "fix" / "README.md").read_text()
+    # mapped but never evaluated: marked, with the published value kept (DVERGE Table 4, DVERGE+AdvT/3 clean 81.4)
+    assert "| DVERGE+AdvT/3 | not run (81.4) |" in text
+    # published rows without a zoo entry stay in the table
+    assert "| DVERGE/8 | · (91.1) |" in text
+
+
+def _board(fixture_store: tuple[Path, Path, Path], out: Path) -> "pd.DataFrame":
+    import pandas as pd
+
+    from robbench.report import write_report
+
+    db, runs, views = fixture_store
+    write_report(paper="fix", out=out, db=db, runs_dir=runs, fmt="csv", views=views)
+    return pd.read_csv(out / "leaderboard.csv")
+
+
+def test_leaderboard_ranks_by_all_or_nothing_then_clean(fixture_store, tmp_path: Path) -> None:
+    board = _board(fixture_store, tmp_path)
+    bb = board[board["protocol"] == "dverge-blackbox"]
+    # headline eps 0.02 from the views file; expected order from the fixture's definition
+    idx = EPS.index(0.02) + 1
+    want = sorted((e for (e, p) in CURVES if p == "dverge-blackbox"),
+                  key=lambda e: (-round(CURVES[(e, "dverge-blackbox")][idx] * N), -CURVES[(e, "dverge-blackbox")][0], e))
+    assert list(bb["entry"]) == want
+    assert list(bb["rank"]) == list(range(1, len(want) + 1))
+    assert (bb["eps"] == 0.02).all()
+    wb = board[board["protocol"] == "dverge-whitebox"].set_index("entry")
+    # adp and dverge tie at 10% white-box; adp's higher clean accuracy ranks it first
+    assert wb.loc["adp_resnet20_x3", "rank"] < wb.loc["dverge_resnet20_x3", "rank"]
+    assert (board["forward_passes"] == 3).all()
+    assert (board["params"] == 10 * 64).all()  # BN running statistics are buffers, not parameters
+    assert board.loc[board["entry"] == "advt_resnet20_x3", "checkpoint_sha256"].iloc[0] == "sha-advt_resnet20_x3"
+    html = (tmp_path / "leaderboard.csv").read_text()
+    assert "dverge-transferability" not in html  # not a ranking protocol
+
+
+def test_leaderboard_html_is_static(report: Path) -> None:
+    html = (report / "leaderboard.html").read_text()
+    assert html.startswith("<!DOCTYPE html>") and "<script" not in html
+    assert html.index("advt_resnet20_x3") < html.index("baseline_resnet20_x3")
+
+
+def test_flags_fire_on_bad_cases_and_stay_quiet_on_good(fixture_store) -> None:
+    from robbench.report.flags import compute_flags
+    from robbench.report.results import Results
+
+    db, runs, _ = fixture_store
+    flags = compute_flags(Results(db, runs))
+    codes: dict[str, set[str]] = {}
+    for f in flags:
+        codes.setdefault(f.entry, set()).add(f.code)
+    assert codes.get("adp_resnet20_x3") == {"whitebox>blackbox", "autoattack-check", "randomized-no-eot"}
+    assert {"rises-with-eps", "no-fall", "whitebox>blackbox"} == codes.get("gal_resnet20_x3")
+    for good in ("baseline_resnet20_x3", "dverge_resnet20_x3", "advt_resnet20_x3"):
+        assert good not in codes
+    masking = [f for f in flags if f.entry == "adp_resnet20_x3" and f.code == "whitebox>blackbox"]
+    assert [f.eps for f in masking] == [0.02]
+
+
+def test_flag_rules_on_constructed_curves() -> None:
+    from robbench.report.flags import curve_flags, pair_flags
+
+    assert curve_flags("e", "p", "whitebox", {0.01: 0.4, 0.02: 0.1, 0.03: 0.0}, 0.9) == []
+    rising = curve_flags("e", "p", "transfer", {0.01: 0.4, 0.02: 0.5}, 0.9)
+    assert [f.code for f in rising] == ["rises-with-eps"]
+    # within the 1 pp tolerance: noise, not a flag
+    assert curve_flags("e", "p", "transfer", {0.01: 0.400, 0.02: 0.405}, 0.9) == []
+    # black-box accuracy may stay high (AdvT); only white-box must fall
+    assert curve_flags("e", "p", "transfer", {0.01: 0.77, 0.07: 0.63}, 0.78) == []
+    assert [f.code for f in curve_flags("e", "p", "whitebox", {0.01: 0.77, 0.07: 0.63}, 0.78)] == ["no-fall"]
+    # DVERGE appendix C.3: ADP/8 white-box 4.9% > black-box 0.4% at eps 0.02
+    adp8 = pair_flags("adp8", "wb", {0.01: 0.127, 0.02: 0.049}, "bb", {0.01: 0.212, 0.02: 0.004})
+    assert [(f.code, f.eps) for f in adp8] == [("whitebox>blackbox", 0.02)]
+
+
+def _png_ok(path: Path) -> None:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    length, kind = struct.unpack(">I4s", data[8:16])
+    assert kind == b"IHDR" and length == 13
+    w, h = struct.unpack(">II", data[16:24])
+    assert 50 < w < 2000 and 50 < h < 2000
+    assert data.rstrip(b"\x00").endswith(b"IEND\xaeB`\x82")
+    assert b"Software" not in data and b"matplotlib" not in data  # no version metadata: stable bytes
+
+
+def test_images_are_valid_pngs(report: Path) -> None:
+    import matplotlib.image
+
+    pngs = sorted((report / "fix").glob("*.png"))
+    names = {p.name for p in pngs}
+    assert {"curves_4.png", "curves_5.png", "transfer_dverge_resnet20_x3_0.03.png",
+            "iterations_dverge-convergence.png", "training_curves.png"} <= names
+    for p in pngs:
+        _png_ok(p)
+        img = matplotlib.image.imread(p)
+        assert img.ndim == 3 and img.std() > 0  # decodes, and is not blank
+    text = (report / "fix" / "README.md").read_text()
+    for p in pngs:
+        assert f"]({p.name})" in text
+
+
+def test_same_store_gives_same_bytes(fixture_store, report: Path, tmp_path: Path) -> None:
+    from robbench.report import write_report
+
+    db, runs, views = fixture_store
+    write_report(paper="all", out=tmp_path, db=db, runs_dir=runs, fmt="md", views=views)
+    first = {p.relative_to(report): p.read_bytes() for p in sorted(report.rglob("*")) if p.is_file()}
+    second = {p.relative_to(tmp_path): p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()}
+    assert first.keys() == second.keys()
+    for k in first:
+        assert first[k] == second[k], k
+
+
+def test_json_and_csv_carry_the_same_cells(fixture_store, tmp_path: Path) -> None:
+    import pandas as pd
+
+    from robbench.report import write_report
+
+    db, runs, views = fixture_store
+    write_report(paper="fix", out=tmp_path / "j", db=db, runs_dir=runs, fmt="json", views=views)
+    write_report(paper="fix", out=tmp_path / "c", db=db, runs_dir=runs, fmt="csv", views=views)
+    js = json.loads((tmp_path / "j" / "fix" / "report.json").read_text())
+    cs = pd.read_csv(tmp_path / "c" / "fix" / "cells.csv")
+    assert len(js["cells"]) == len(cs)
+    cell = next(c for c in js["cells"] if c["row"] == "DVERGE/3" and c["column"] == "0.02" and c["table"] == "4")
+    assert cell["reproduced"] == pytest.approx(100 * CURVES[("dverge_resnet20_x3", "dverge-blackbox")][2])
+    assert cell["published"] == 69.7 and cell["n"] == N and cell["seed"] == 0
+    assert cell["delta"] == pytest.approx(cell["reproduced"] - 69.7)
+    assert cell["ci_low"] < cell["reproduced"] < cell["ci_high"]
+    heat = [t for t in js["transferability"] if t["source"] == 1 and t["target"] == "0"]
+    assert heat[0]["success"] == pytest.approx(0.2)
+    assert not list((tmp_path / "j").rglob("*.png"))  # machine formats draw nothing
+
+
+def test_cli_report_on_real_views_and_bad_input(tmp_path: Path, fixture_store) -> None:
+    from click.testing import CliRunner
+
+    from robbench.cli import main
+
+    db, runs, _ = fixture_store
+    r = CliRunner().invoke(main, ["report", "--paper", "dverge", "--out", str(tmp_path), "--db", str(db),
+                                  "--runs-dir", str(runs), "--format", "csv"])
+    assert r.exit_code == 0, r.output
+    cells = (tmp_path / "dverge" / "cells.csv").read_text()
+    assert "dverge,4,DVERGE/8,0.07" in cells and "not run" in cells
+    r = CliRunner().invoke(main, ["report", "--paper", "nope", "--out", str(tmp_path)])
+    assert r.exit_code == 2
+
+
+def test_bad_views_file_is_a_config_error(tmp_path: Path) -> None:
+    from robbench.errors import ConfigError
+    from robbench.report.views import load_views
+
+    p = tmp_path / "views.toml"
+    p.write_text('[papers.x]\ntitle = "x"\n[[view]]\npaper = "x"\ntable = "1"\ntitle = "t"\n'
+                 '[view.measures]\n"a" = { kind = "robust", eps = -1 }\n')
+    with pytest.raises(ConfigError, match="measures.a.eps"):
+        load_views(p)
+    p.write_text('[[view]]\npaper = "y"\ntable = "1"\ntitle = "t"\n')
+    with pytest.raises(ConfigError, match="view\\[0\\].paper"):
+        load_views(p)

@@ -263,7 +263,7 @@ WRITER = textwrap.dedent("""
     import sys
     from robbench.store import Store
     s = Store(sys.argv[1])
-    r = s.start_run("e", "c", "p", "h", seed=0)
+    r = s.start_run("e", "c", "p", "h", seed=0, versions={})  # versions={}: no torch import, faster start
     print("RUN", r, flush=True)
     size = int(sys.argv[2])
     for b in range(100000):

@@ -71,7 +71,7 @@ def plain_entry(src: ZooEntry, name: str, members: int, init_from: str, descript
     """The source entry with the transform removed: ``members`` plain networks of the same architecture."""
     model = dataclasses.replace(src.model, members=members, transform=None, transform_options={})
     train = dataclasses.replace(src.train, epochs=0, init_from=init_from)
-    tags = sorted(set(src.tags) | {"eio-derived"})
+    tags = sorted((set(src.tags) - {"rgn", "pretrain"}) | {"eio-derived"})  # a plain model now
     return dataclasses.replace(src, name=name, model=model, train=train, tags=tags, description=description,
                                overrides=[])
 

@@ -231,8 +231,8 @@ class RandomGatedNetwork(nn.Module):
 
     ``randomized`` is True unless ``gate_mode == 'fixed'``: evaluation then uses EOT (DESIGN.md).
     ``layer_gates[l-1]`` is how many gates feed feature layer l (the top-l constraint of Alg. 1 line 13
-    compares these prefixes); ``max_layer`` bounds the distillation layer (preprint A.3: with only the
-    top k layers augmented, l is drawn from [1, k]).
+    compares these prefixes); ``max_layer`` bounds the distillation layer (all taps; preprint A.3: with
+    only the top k layers augmented, l is drawn from [1, k]).
     """
 
     def __init__(self, net: nn.Module, blocks: list[str], layer_gates: list[int], max_layer: int,
@@ -375,16 +375,11 @@ def rgn_transform(net: nn.Module, options: RGNOptions | dict[str, Any] | None = 
                           field="model.transform_options.layers")
     gated = candidates if k is None else candidates[:k]
     gated_set = set(gated)
-    # Feature layers in the architecture's tap order; l is allowed while every candidate feeding it is gated.
+    # Feature layers in the architecture's tap order and how many gates feed each (the top-l prefix).
     taps = feature_layers(net)
     layer_gates = [sum(1 for c in trace.taps_after.get(t, []) if c in gated_set) for t in taps]
-    feeding = [sum(1 for c in trace.taps_after.get(t, []) if c in set(candidates)) for t in taps]
-    max_layer = 0
-    for i, f in enumerate(feeding):
-        if f <= len(gated) and layer_gates[i] == f:
-            max_layer = i + 1
-        else:
-            break
+    # preprint A.3: "when only augmenting the top k layers ... l will be bounded within the range [1, k]"
+    max_layer = len(taps) if k is None else min(k, len(taps))
     for conv_name in gated:
         conv = net.get_submodule(conv_name)
         norm_name = trace.norm_of.get(conv_name)

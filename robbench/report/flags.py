@@ -12,11 +12,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import pandas as pd
 
-from robbench.report.measures import all_or_nothing_counts, clean_counts, eps_values
+from robbench.report.measures import clean_counts, eps_values
 from robbench.report.results import Results, RunInfo
 
 # Differences below one percentage point are within restart noise for n = 1000 (Table 8's
@@ -36,22 +37,36 @@ class Flag:
     message: str
 
 
-def protocol_info(name: str, run: RunInfo | None = None) -> dict[str, Any]:
-    """kind, paper and member of a protocol: from its file when present, else from the run meta."""
-    info = {"kind": "", "paper": "", "member": None, "datasets": []}
-    try:
-        from robbench.evaluate.protocol import load_protocol
+@lru_cache(maxsize=None)
+def _protocol_raw(name: str) -> dict[str, Any]:
+    """The protocol file merged along its extends chain, unvalidated: the report needs only kind, paper,
+    member and datasets, and must not import the attack registry (torch) for that."""
+    from robbench.config import load_raw
+    from robbench.paths import PROTOCOLS_DIR
 
-        p = load_protocol(name.split(":", 1)[0])
-        info.update(kind=p.kind, paper=p.paper, member=p.member, datasets=list(p.datasets))
+    try:
+        raw, _ = load_raw(name, PROTOCOLS_DIR, "protocol")
     except Exception:  # protocol file gone or renamed: the stored meta still tells
-        pass
+        return {}
+    return raw
+
+
+def protocol_info(name: str, run: RunInfo | None = None) -> dict[str, Any]:
+    """kind, paper, member and datasets of a protocol: from its file when present, else the run meta."""
+    base, _, derived = name.partition(":")
+    raw = _protocol_raw(base)
+    info: dict[str, Any] = {"kind": raw.get("kind", "whitebox" if raw else ""), "paper": raw.get("paper", ""),
+                            "member": raw.get("member"), "datasets": list(raw.get("datasets", []))}
     if run is not None:
         for k in ("kind", "paper", "member"):
             if k in run.meta and not info.get(k):
                 info[k] = run.meta[k]
-    if ":" in name:  # derived rows such as 'dverge-blackbox:source' (each source's own accuracy)
-        info["kind"] = info["kind"] + ":" + name.split(":", 1)[1]
+        # the run's own overrides win (eio '/3/1': --set member=0)
+        for o in run.overrides:
+            if isinstance(o, str) and o.startswith("member="):
+                info["member"] = int(o.split("=", 1)[1]) if o.split("=", 1)[1].strip().isdigit() else info["member"]
+    if derived:  # derived rows such as 'dverge-blackbox:source' (each source's own accuracy)
+        info["kind"] = f"{info['kind']}:{derived}"
     return info
 
 
@@ -61,7 +76,7 @@ def eps_curve(results: Results, run: RunInfo) -> dict[float, float]:
     attacks = sorted(set(df["attack"]) - {"clean"})
     out = {}
     for e in eps_values(df):
-        kn = all_or_nothing_counts(df, attacks, e)
+        kn = results.aon_counts(run, attacks, e)
         if kn is not None and kn[1]:
             out[e] = kn[0] / kn[1]
     return out

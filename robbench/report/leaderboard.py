@@ -10,7 +10,7 @@ from typing import Any
 import pandas as pd
 
 from robbench.report.flags import Flag, protocol_info
-from robbench.report.measures import all_or_nothing_counts, clean_counts, eps_values, wilson
+from robbench.report.measures import clean_counts, eps_values, wilson
 from robbench.report.results import Results, RunInfo
 
 RANKED_KINDS = ("whitebox", "transfer", "autoattack", "convergence")
@@ -54,7 +54,7 @@ def leaderboard(results: Results, configured_eps: dict[str, float], exclude: lis
         df = results.outcomes(run)
         attacks = sorted(set(df["attack"]) - {"clean"})
         eps = headline_eps(run.protocol, eps_values(df), configured_eps)
-        kn = all_or_nothing_counts(df, attacks, eps) if (attacks and eps is not None) else None
+        kn = results.aon_counts(run, attacks, eps) if (attacks and eps is not None) else None
         if kn is None:
             continue
         lo, hi = wilson(*kn)

@@ -66,7 +66,8 @@ def select_attacks(attacks: list[str], patterns: list[str]) -> list[str]:
 
 def all_or_nothing_counts(df: pd.DataFrame, attacks: list[str], eps: float | None, member: int = -1
                           ) -> tuple[int, int] | None:
-    """(correct under every listed attack, samples) at ``eps``; ``None`` if no outcome matches."""
+    """(correct under every listed attack, samples) at ``eps``; ``None`` if no outcome matches.
+    Callers with a run use :meth:`Results.aon_counts`, which memoizes this."""
     from robbench.store import all_or_nothing
 
     sub = df[(df["member"] == member) & df["attack"].isin(attacks)]
@@ -102,7 +103,7 @@ def compute(results: Results, entry: str, m: Measure) -> Cell | None:
         kn = clean_counts(df, m.member)
     else:
         attacks = select_attacks(df["attack"].unique().tolist(), m.attacks)
-        kn = all_or_nothing_counts(df, attacks, m.eps, m.member) if attacks else None
+        kn = results.aon_counts(run, attacks, m.eps, m.member) if attacks else None
     if kn is None or kn[1] == 0:
         return None
     lo, hi = wilson(*kn)

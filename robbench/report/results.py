@@ -52,6 +52,7 @@ class Results:
         self._store_mod = store_mod
         self.store = store_mod.Store(self.db)
         self._outcomes: dict[Any, pd.DataFrame] = {}
+        self._aon: dict[tuple[Any, ...], tuple[int, int] | None] = {}
 
     # ------------------------------------------------------------------------------------------ runs
     @cached_property
@@ -82,6 +83,16 @@ class Results:
             df = self.store.outcomes(int(run.run_id))
             self._outcomes[run.run_id] = df.sort_values(["attack", "eps", "sample", "member"]).reset_index(drop=True)
         return self._outcomes[run.run_id]
+
+    def aon_counts(self, run: RunInfo, attacks: list[str], eps: float | None, member: int = -1
+                   ) -> tuple[int, int] | None:
+        """Memoized all-or-nothing (correct, n): tables, curves, flags and the leaderboard ask alike."""
+        from robbench.report.measures import all_or_nothing_counts
+
+        key = (run.run_id, tuple(attacks), None if eps is None else round(float(eps), 10), member)
+        if key not in self._aon:
+            self._aon[key] = all_or_nothing_counts(self.outcomes(run), attacks, eps, member)
+        return self._aon[key]
 
     # ------------------------------------------------------------------------------------ run dirs
     def manifest(self, entry: str) -> dict[str, Any]:

@@ -83,7 +83,7 @@ def build_table(results: Results, view: View, flags: list[Flag]) -> TableResult:
             cell = compute(results, entry, m) if entry else None
             ref = published(ref_paper, ref_table, r, c)
             fl = []
-            if cell is not None:
+            if cell is not None and m.kind == "robust":
                 fl = [f for f in flags if f.entry == entry and f.protocol == m.protocol
                       and (f.eps is None or (m.eps is not None and abs(f.eps - m.eps) < 1e-9))]
             cells[(r, c)] = CellResult(r, c, entry, m.protocol, cell, ref, m.kind != "none", fl)

@@ -17,7 +17,7 @@ import pandas as pd
 from robbench.errors import ConfigError
 from robbench.report import figures, leaderboard as lb, training
 from robbench.report.flags import Flag, compute_flags, flags_frame
-from robbench.report.measures import all_or_nothing_counts, attack_params, select_attacks
+from robbench.report.measures import attack_params
 from robbench.report.reference import published
 from robbench.report.results import Results
 from robbench.report.tables import (TableResult, build_table, cell_text, decimals, fmt_ref, method_of, size_of)
@@ -38,7 +38,7 @@ def _write(path: Path, text: str) -> None:
 
 def _clean(v: Any) -> Any:
     """JSON-safe, stable values: NaN -> None, numpy scalars -> Python."""
-    if isinstance(v, float) and math.isnan(v):
+    if v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v)):
         return None
     if hasattr(v, "item") and not isinstance(v, (list, dict, str)):
         try:
@@ -46,6 +46,17 @@ def _clean(v: Any) -> Any:
         except (ValueError, AttributeError):
             return v
     return v
+
+
+_INT_COLUMNS = ("n", "correct", "seed", "run_id", "steps", "source", "rank", "forward_passes", "params")
+
+
+def _ints(df: pd.DataFrame) -> pd.DataFrame:
+    """Count-like columns as nullable integers (a missing cell must not turn 40 into 40.0)."""
+    for c in _INT_COLUMNS:
+        if c in df.columns:
+            df[c] = df[c].astype("Int64")
+    return df
 
 
 def _records(df: pd.DataFrame) -> list[dict[str, Any]]:
@@ -222,7 +233,7 @@ class PaperReport:
                     for e in sorted(set(df[df["attack"].isin(attacks)]["eps"].astype(float))):
                         if spec.eps is not None and abs(e - spec.eps) > 1e-9:
                             continue
-                        kn = all_or_nothing_counts(df, attacks, e)
+                        kn = self.results.aon_counts(run, attacks, e)
                         if kn and kn[1]:
                             pts.append((e, steps, kn))
                 for e in sorted({p[0] for p in pts}):
@@ -288,8 +299,8 @@ class PaperReport:
             rt = (f"not run ({pr})" if ratio is None else
                   f"{ratio:.1f}× ({pr}, {ratio - pub_ratio:+.1f})" if pub_ratio is not None else f"{ratio:.1f}×")
             self.md.append(f"| {label} | `{entry}` | {sec_t} | {rt} |")
-        self.md += ["", "CPU ratios differ from the paper's GPU ratios: the attack-heavy methods (GAL, AdvT, "
-                    "DVERGE) gain less from a GPU's parallelism at tiny model sizes.", ""]
+        self.md += ["", "Ratios are measured on the machine that trained the entries; the published ones on one "
+                    "TITAN XP GPU for 200 epochs of ResNet-20 x3.", ""]
 
     def training_curves(self, entries: list[str]) -> None:
         logs = {e: training.numeric_series(self.results.log(e)) for e in entries}
@@ -353,8 +364,8 @@ class PaperReport:
         f = self.folder
         if self.fmt == "md":
             _write(f / "README.md", "\n".join(self.md))
-        frames = {"cells": pd.DataFrame(self.cells), "transferability": pd.DataFrame(self.transfer),
-                  "iterations": pd.DataFrame(self.iterations), "training_time": pd.DataFrame(self.train_rows)}
+        frames = {"cells": _ints(pd.DataFrame(self.cells)), "transferability": _ints(pd.DataFrame(self.transfer)),
+                  "iterations": _ints(pd.DataFrame(self.iterations)), "training_time": pd.DataFrame(self.train_rows)}
         if self.fmt == "csv":
             for name, df in frames.items():
                 if not df.empty:
@@ -404,7 +415,7 @@ def write_report(paper: str = "all", out: str | Path = "reports", db: str | Path
         _write(index, _index_md(summaries, board, fl, results))
         return index
     if fmt == "csv":
-        _write(out / "leaderboard.csv", board.to_csv(index=False, lineterminator="\n"))
+        _write(out / "leaderboard.csv", _ints(board).to_csv(index=False, lineterminator="\n"))
         _write(out / "flags.csv", fl.to_csv(index=False, lineterminator="\n"))
         _write(out / "index.csv", pd.DataFrame(summaries).to_csv(index=False, lineterminator="\n"))
         return out / "index.csv"

@@ -1,0 +1,370 @@
+"""The evaluation engine on tiny digits models: aggregation, resume after a kill, transfer-set cache,
+transferability rows, record_steps, early stop, sharding over 2 processes."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from robbench.errors import DataError, UserError
+from robbench.evaluate import engine, transfer
+from robbench.evaluate.aggregations import aggregate
+from robbench.store import Store
+
+
+# ---------------------------------------------------------------------------------------- fixtures
+
+def _train(root: Path, zoo: Path, name: str, members: int, seed: int, steps: int = 25, tags=()) -> None:
+    """A tiny CIFAR ResNet-8 (width 0.25) ensemble on digits, trained a few Adam steps, saved as a run."""
+    from robbench.checkpoint import RunDir
+    from robbench.config import load_entry
+    from robbench.data import get_info, load_split
+    from robbench.models import build_model
+
+    f = zoo / f"{name}.toml"
+    f.write_text(f'paper = "demo"\ntags = {list(tags)!r}\n[model]\narch = "resnet_cifar"\noptions = {{depth = 8}}\n'
+                 f'members = {members}\nwidth = 0.25\n[data]\ndataset = "digits"\n[train]\nepochs = 1\nseed = {seed}\n')
+    entry = load_entry(str(f))
+    torch.manual_seed(seed)
+    model = build_model(entry, get_info("digits"))
+    data = load_split("digits", "train")
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x, y = data.get(torch.randint(0, len(data), (64,), generator=g))
+        loss = sum(torch.nn.functional.cross_entropy(m(x), y) for m in model.members)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    RunDir(root, name).save_final(model.eval(), entry)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    base = tmp_path_factory.mktemp("engine")
+    zoo = base / "zoo"
+    zoo.mkdir()
+    root = base / "runs"
+    _train(root, zoo, "t_x2", 2, 0)
+    _train(root, zoo, "t_one", 1, 2)
+    _train(root, zoo, "t_src", 1, 1, tags=["holdout"])
+    return root
+
+
+def _proto(tmp: Path, name: str, text: str) -> str:
+    f = tmp / f"{name}.toml"
+    f.write_text(text)
+    return str(f)
+
+
+WB = """
+kind = "whitebox"
+datasets = ["digits"]
+eps = [0.2]
+batch_size = 10
+[samples]
+selection = "dverge"
+n = 40
+[[attacks]]
+id = "pgd"
+attack = "pgd"
+[attacks.params]
+steps = 3
+restarts = 2
+"""
+
+
+def _rows(db: Path, run_id: int) -> pd.DataFrame:
+    with Store(db) as s:
+        return s.outcomes(run_id).drop(columns=["run_id"]).reset_index(drop=True)
+
+
+def _ev(proto: str, entries, runs: Path, tmp: Path, db: str = "r.db", **kw):
+    return engine.evaluate_protocol(proto, entries, runs_dir=runs, db=tmp / db, cache_root=tmp / "cache",
+                                    quiet=True, **kw)
+
+
+# -------------------------------------------------------------------------------------- aggregation
+
+def test_all_or_nothing_by_hand():
+    # samples 0..3 at eps 0.1; attacks a, b1, b2 (b1, b2 one and-group "b")
+    rows = [
+        ("clean", 0.0, s, -1, c) for s, c in enumerate([1, 1, 1, 0])
+    ] + [
+        ("a", 0.1, 0, -1, 1), ("a", 0.1, 1, -1, 1), ("a", 0.1, 2, -1, 0), ("a", 0.1, 3, -1, 0),
+        ("b1", 0.1, 0, -1, 1), ("b1", 0.1, 1, -1, 0), ("b1", 0.1, 2, -1, 1), ("b1", 0.1, 3, -1, 0),
+        ("b2", 0.1, 0, -1, 1), ("b2", 0.1, 1, -1, 1), ("b2", 0.1, 2, -1, 1), ("b2", 0.1, 3, -1, 0),
+    ]
+    df = pd.DataFrame(rows, columns=["attack", "eps", "sample", "member", "correct"]).assign(margin=None)
+    aon = aggregate("all_or_nothing", df).set_index("attack")
+    assert aon.loc["all", "accuracy"] == pytest.approx(1 / 4)  # only sample 0 survives a, b1 and b2
+    assert aon.loc["clean", "accuracy"] == pytest.approx(3 / 4)  # clean is reported, not AND-ed in
+    per = aggregate("per_attack", df, {"b1": "b", "b2": "b"}).set_index("attack")
+    assert per.loc["a", "accuracy"] == pytest.approx(2 / 4)
+    assert per.loc["b", "accuracy"] == pytest.approx(2 / 4)  # samples 0 and 2 survive b1 AND b2
+    assert set(per.index) == {"clean", "a", "b"}
+
+
+# ------------------------------------------------------------------------------------ resume, force
+
+def test_resume_after_kill_recomputes_nothing_committed(runs: Path, tmp_path: Path, monkeypatch):
+    proto = _proto(tmp_path, "wb", WB)
+    ref = _ev(proto, ["t_x2"], runs, tmp_path, "ref.db")["t_x2"]
+
+    real = engine.run_attack
+    calls: list[int] = []
+
+    def flaky(spec, model, x, y, eps, **kw):
+        b = kw["seed_parts"][2]
+        calls.append(b)
+        if b == 2 and len(calls) > 0 and fail["on"]:
+            raise RuntimeError("killed")
+        return real(spec, model, x, y, eps, **kw)
+
+    fail = {"on": True}
+    monkeypatch.setattr(engine, "run_attack", flaky)
+    with pytest.raises(RuntimeError, match="killed"):
+        _ev(proto, ["t_x2"], runs, tmp_path)
+    assert set(calls) == {0, 1, 2}
+    with Store(tmp_path / "r.db") as s:
+        (run_id,) = s.runs()["run_id"]
+        assert s.run(run_id)["status"] == "failed"
+        assert {"pgd|b0", "pgd|b1", "clean|b2"} <= s.done_batches(run_id) and "pgd|b2" not in s.done_batches(run_id)
+    calls.clear()
+    fail["on"] = False
+    again = _ev(proto, ["t_x2"], runs, tmp_path)["t_x2"]
+    assert again == run_id and set(calls) == {2, 3}  # batches 0 and 1 were not recomputed
+    pd.testing.assert_frame_equal(_rows(tmp_path / "r.db", run_id), _rows(tmp_path / "ref.db", ref))
+    with Store(tmp_path / "r.db") as s:
+        assert s.run(run_id)["status"] == "done"
+        meta = s.run(run_id)["meta"]
+        assert "early stop" in meta["early_stop"] and meta["samples"]["n"] == 40
+    calls.clear()
+    assert _ev(proto, ["t_x2"], runs, tmp_path)["t_x2"] == run_id and calls == []  # done: not redone
+    forced = _ev(proto, ["t_x2"], runs, tmp_path, force=True)["t_x2"]
+    assert forced != run_id and set(calls) == {0, 1, 2, 3}
+    pd.testing.assert_frame_equal(_rows(tmp_path / "r.db", forced), _rows(tmp_path / "ref.db", ref))
+
+
+def test_early_stop_changes_no_all_or_nothing_result(runs: Path, tmp_path: Path):
+    # two deterministic attacks (no random init): skipping samples already fooled changes nothing
+    text = WB.replace('restarts = 2', 'init = "none"') + """
+[[attacks]]
+id = "fgsm"
+attack = "fgsm"
+"""
+    on = _ev(_proto(tmp_path, "es_on", text), ["t_x2"], runs, tmp_path)["t_x2"]
+    off = _ev(_proto(tmp_path, "es_off", text + "\n"), ["t_x2"], runs, tmp_path, overrides=["early_stop=false"])["t_x2"]
+    a, b = _rows(tmp_path / "r.db", on), _rows(tmp_path / "r.db", off)
+    ta, tb = aggregate("all_or_nothing", a), aggregate("all_or_nothing", b)
+    pd.testing.assert_frame_equal(ta, tb)
+    assert (ta[ta["attack"] == "all"]["accuracy"] < 1).all()  # the attacks do fool some samples
+    # with early stop, samples fooled by 'pgd' are stored as fooled for 'fgsm' without running it
+    m = a.pivot_table(index=["eps", "sample"], columns="attack", values="correct")
+    assert ((m["pgd"] == 0) <= (m["fgsm"] == 0)).all()
+
+
+def test_no_trained_entry_names_the_train_command(tmp_path: Path, runs: Path):
+    text = WB.replace('datasets = ["digits"]', 'datasets = ["digits"]\n[applies_to]\npapers = ["nobody"]')
+    # the [applies_to] table must come before [samples]; rebuild the text in TOML order
+    text = 'kind = "whitebox"\ndatasets = ["digits"]\neps = [0.1]\n[applies_to]\npapers = ["nobody"]\n' \
+           '[[attacks]]\nid = "pgd"\nattack = "pgd"\n'
+    with pytest.raises(UserError, match="no trained entry"):
+        _ev(_proto(tmp_path, "none", text), [], runs, tmp_path)
+    ok = _proto(tmp_path, "any", 'kind = "whitebox"\ndatasets = ["digits"]\neps = [0.1]\nbatch_size = 50\n'
+                                  '[samples]\nn = 20\n[applies_to]\nexclude_tags = ["holdout"]\n'
+                                  '[[attacks]]\nid = "f"\nattack = "fgsm"\n')
+    assert set(_ev(ok, [], runs, tmp_path)) == {"t_x2", "t_one"}  # every trained entry it applies to
+
+
+# ---------------------------------------------------------------------------------------- transfer
+
+BB = """
+kind = "transfer"
+datasets = ["digits"]
+eps = [0.1, 0.2]
+batch_size = 20
+sources = ["t_src"]
+[samples]
+selection = "dverge"
+n = 40
+[[attacks]]
+id = "mpgd-0"
+attack = "pgd"
+and_group = "mpgd@source={source}"
+[attacks.params]
+steps = 4
+momentum = 1.0
+early_stop = false
+[[attacks]]
+id = "mpgd-1"
+attack = "pgd"
+and_group = "mpgd@source={source}"
+[attacks.params]
+steps = 4
+momentum = 1.0
+seed = 1
+early_stop = false
+"""
+
+
+def test_transfer_sets_are_cached_and_checked(runs: Path, tmp_path: Path, monkeypatch):
+    proto = _proto(tmp_path, "bb", BB)
+    made: list[str] = []
+    real = engine._make_attack
+
+    def counting(spec, params=None):
+        made.append(spec.id)
+        return real(spec, params)
+
+    monkeypatch.setattr(engine, "_make_attack", counting)
+    r1 = _ev(proto, ["t_x2"], runs, tmp_path)["t_x2"]
+    assert sorted(made) == ["mpgd-0", "mpgd-1"]
+    sets = sorted(p for p in (tmp_path / "cache").iterdir() if not p.name.startswith("."))
+    assert len(sets) == 4  # 2 attacks x 2 eps, one directory each
+    made.clear()
+    r2 = _ev(proto, ["t_one"], runs, tmp_path)["t_one"]  # a second target reads the same sets
+    assert made == []
+    df = _rows(tmp_path / "r.db", r2)
+    assert set(df["attack"]) == {"clean", "mpgd-0@source=t_src", "mpgd-1@source=t_src"}
+    assert len(df) == 40 + 2 * 2 * 40
+    with Store(tmp_path / "r.db") as s:
+        src = s.runs(entry="t_src")
+        assert list(src["protocol"]) == ["bb:source"]  # each source's own accuracy, under the source
+        src_rows = s.outcomes(int(src["run_id"][0]))
+        assert len(src_rows) == 2 * 2 * 40
+        groups = s.run(r1)["meta"]["and_groups"]
+        assert groups["mpgd-1@source=t_src"] == "mpgd@source=t_src"
+    # alignment and integrity checks on load
+    key = sets[0].name
+    ts = transfer.load_set(key, root=tmp_path / "cache")
+    ids = ts.sample_ids.tolist()
+    assert transfer.load_set(key, root=tmp_path / "cache", expect_ids=ids, expect_labels=ts.labels).key == key
+    with pytest.raises(DataError, match="not aligned"):
+        transfer.load_set(key, root=tmp_path / "cache", expect_ids=ids[::-1])
+    with pytest.raises(DataError, match="labels do not match"):
+        transfer.load_set(key, root=tmp_path / "cache", expect_labels=(ts.labels + 1) % 10)
+    f = sets[0] / transfer.TENSORS
+    blob = bytearray(f.read_bytes())
+    blob[-1] ^= 0xFF
+    f.write_bytes(bytes(blob))
+    with pytest.raises(DataError, match="hash"):
+        transfer.load_set(key, root=tmp_path / "cache")
+
+
+def test_transfer_set_manifest_documents_itself(runs: Path, tmp_path: Path):
+    _ev(_proto(tmp_path, "bb", BB.replace("eps = [0.1, 0.2]", "eps = [0.1]")), ["t_one"], runs, tmp_path)
+    sets = [p for p in (tmp_path / "cache").iterdir() if not p.name.startswith(".")]
+    assert len(sets) == 2  # one set per attack at the one eps
+    d = sets[0]
+    import json
+
+    m = json.loads((d / transfer.MANIFEST).read_text())
+    assert m["format"] == transfer.FORMAT and m["key"] == d.name == transfer.set_key(m["fields"])
+    assert m["fields"]["eps"] == 0.1 and m["fields"]["attack"] == "pgd" and m["fields"]["n"] == 40
+    assert m["shape"] == [40, 1, 8, 8] and 0.0 <= m["source_accuracy"] <= 1.0
+    assert not list((tmp_path / "cache").glob(".partial/*"))  # partial batches removed once published
+
+
+# -------------------------------------------------------------------------- transferability, steps
+
+def test_transferability_rows(runs: Path, tmp_path: Path):
+    text = """
+kind = "transferability"
+datasets = ["digits"]
+eps = [0.2]
+batch_size = 20
+aggregation = "per_attack"
+[samples]
+selection = "all_correct"
+n = 30
+[[attacks]]
+id = "pgd"
+attack = "pgd"
+restarts_as_runs = 2
+[attacks.params]
+steps = 4
+"""
+    from robbench.store import transfer_matrix
+
+    rid = _ev(_proto(tmp_path, "tr", text), ["t_x2"], runs, tmp_path)["t_x2"]
+    df = _rows(tmp_path / "r.db", rid)
+    clean = df[df["attack"] == "clean"]
+    assert len(clean) == 30 * 3 and clean["correct"].all()  # every member right on every sample
+    m = transfer_matrix(df, "pgd", value="success")
+    assert m.shape == (2, 3) and list(m.columns) == [0, 1, "ensemble"]
+    assert m.loc[0, 0] > 0.5 and m.loc[1, 1] > 0.5  # white-box on the member itself mostly succeeds
+
+
+def test_record_steps_equal_a_separate_run(runs: Path, tmp_path: Path):
+    rec = WB.replace("restarts = 2", "record_steps = [2, 6]\nearly_stop = false").replace("steps = 4", "steps = 6")
+    sep = WB.replace("restarts = 2", "early_stop = false").replace("steps = 4", "steps = 6")
+    r = _ev(_proto(tmp_path, "rec", rec.replace('kind = "whitebox"', 'kind = "whitebox"\naggregation = "per_attack"')),
+            ["t_one"], runs, tmp_path)["t_one"]
+    s = _ev(_proto(tmp_path, "sep", sep.replace('kind = "whitebox"', 'kind = "whitebox"\naggregation = "per_attack"')),
+            ["t_one"], runs, tmp_path)["t_one"]
+    a, b = _rows(tmp_path / "r.db", r), _rows(tmp_path / "r.db", s)
+    assert set(a["attack"]) == {"clean", "pgd@steps=2", "pgd@steps=6"}
+    six = a[a["attack"] == "pgd@steps=6"].drop(columns="attack").reset_index(drop=True)
+    ref = b[b["attack"] == "pgd"].drop(columns="attack").reset_index(drop=True)
+    pd.testing.assert_frame_equal(six, ref)
+
+
+# ------------------------------------------------------------------------------------ randomized
+
+def test_randomized_model_uses_eot_and_is_seeded(runs: Path, tmp_path: Path, monkeypatch):
+    class Noisy(torch.nn.Module):
+        randomized = True
+
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x) + 0.5 * torch.randn(x.shape[0], 10)
+
+    real = engine._load
+
+    def load(name, runs_dir, device, member=None):
+        t = real(name, runs_dir, device, member)
+        t.model = Noisy(t.model).eval()
+        t.randomized = engine.is_randomized(t.model)
+        return t
+
+    monkeypatch.setattr(engine, "_load", load)
+    text = WB.replace("batch_size = 10", "batch_size = 20\neot_samples = 3")
+    r1 = _ev(_proto(tmp_path, "rnd", text), ["t_one"], runs, tmp_path, "a.db")["t_one"]
+    r2 = _ev(_proto(tmp_path, "rnd", text), ["t_one"], runs, tmp_path, "b.db")["t_one"]
+    pd.testing.assert_frame_equal(_rows(tmp_path / "a.db", r1), _rows(tmp_path / "b.db", r2))
+    with Store(tmp_path / "a.db") as s:
+        eot = s.run(r1)["meta"]["eot"]
+    assert eot["randomized"] and eot["samples"] == 3
+
+
+# ---------------------------------------------------------------------------------------- sharding
+
+def _worker(rank: int, world: int, init_file: str, proto: str, runs: str, tmp: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        engine.evaluate_protocol(proto, ["t_x2"], runs_dir=runs, db=Path(tmp) / "dist.db",
+                                 cache_root=Path(tmp) / "cache", quiet=True)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_process_sharding_matches_one_process(runs: Path, tmp_path: Path):
+    import torch.multiprocessing as mp
+
+    proto = _proto(tmp_path, "wb", WB)
+    one = _ev(proto, ["t_x2"], runs, tmp_path, "one.db")["t_x2"]
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), proto, str(runs), str(tmp_path)), nprocs=2, join=True)
+    with Store(tmp_path / "dist.db") as s:
+        (rid,) = s.runs()["run_id"]
+        assert s.run(rid)["status"] == "done" and s.run(rid)["meta"]["world_size"] == 2
+    pd.testing.assert_frame_equal(_rows(tmp_path / "dist.db", rid), _rows(tmp_path / "one.db", one))
