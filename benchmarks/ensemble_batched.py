@@ -9,6 +9,7 @@ attack step: eval-mode forward of the ensemble (log-mean-softmax) + gradient wrt
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -44,7 +45,8 @@ def main() -> None:
     x = torch.rand(args.batch, 3, args.size, args.size, device=device)
     y = torch.randint(0, info.num_classes, (args.batch,), device=device)
     print(f"device={device} threads={torch.get_num_threads()} batch={args.batch} input=3x{args.size}x{args.size} "
-          f"step=eval forward+input-gradient, reps={args.reps} (median)")
+          f"step=eval forward+input-gradient, reps={args.reps} (median), "
+          f"load average {os.getloadavg()[0]:.1f} (other processes on the cores distort the ratio)")
 
     pairs = {}
     for k in args.sizes:

@@ -272,6 +272,12 @@ def test_dlr_equals_pyautoattack():
     y = torch.randint(0, 10, (16,))
     ref = APGDAttack(lambda t: t, eps=0.1, device="cpu").dlr_loss(z, y)
     assert torch.allclose(dlr(z, y), ref)
+    from pyautoattack.autopgd_base import APGDAttack_targeted
+
+    tgt = (y + 1) % 10
+    apgd_t = APGDAttack_targeted(lambda t: t, eps=0.1, device="cpu")
+    apgd_t.y_target = tgt
+    assert torch.allclose(get_loss("dlr")(z, y, tgt), apgd_t.dlr_loss_targeted(z, y))
 
 
 def test_loss_names_and_errors():
@@ -352,6 +358,15 @@ def test_eps_batching_with_tiles_equals_separate_runs(net, batch):
         sep = iterative_attack(net, x, y, e, steps=5, step_size=e / 5, seed=2, restarts=2)
         assert (tiled.x_adv[16 * i:16 * (i + 1)] - sep.x_adv).abs().max().item() <= 1e-6
         assert torch.equal(tiled.fooled[16 * i:16 * (i + 1)], sep.fooled)
+    # any packing of (eps, sample) pairs: init_rows names each row's sample in the base batch
+    pick = torch.tensor([3, 0, 7, 3, 15])
+    packed = iterative_attack(net, x[pick], y[pick], torch.tensor([e1, e1, e1, e2, e2]), steps=5,
+                              step_size=torch.tensor([e1, e1, e1, e2, e2]) / 5, seed=2, init_rows=pick,
+                              init_base=16)
+    full1 = iterative_attack(net, x, y, e1, steps=5, step_size=e1 / 5, seed=2)
+    full2 = iterative_attack(net, x, y, e2, steps=5, step_size=e2 / 5, seed=2)
+    want = torch.stack([full1.x_adv[3], full1.x_adv[0], full1.x_adv[7], full2.x_adv[3], full2.x_adv[15]])
+    assert (packed.x_adv - want).abs().max().item() <= 1e-6
 
 
 @pytest.mark.parametrize("mode", ["last", "best", "step"])
@@ -362,8 +377,9 @@ def test_record_steps_match_separate_runs(net, batch, mode):
     kw.update({"last": dict(keep="last"), "best": dict(keep="best"), "step": dict(early_stop="step")}[mode])
     one = iterative_attack(net, x, y, 0.05, steps=12, record_steps=counts, early_stop=kw.pop("early_stop", True),
                            **kw)
+    sep_stop = "step" if mode == "step" else False
     for s in counts:
-        sep = iterative_attack(net, x, y, 0.05, steps=s, early_stop=False, **kw)
+        sep = iterative_attack(net, x, y, 0.05, steps=s, early_stop=sep_stop, **kw)
         assert torch.equal(one.step_correct[s], ~sep.fooled), s
     assert one.step_correct[0].float().mean() > one.step_correct[12].float().mean()
 

@@ -213,7 +213,7 @@ def test_diversification_step_accumulates_over_paths_and_adv_train_runs():
     from robbench.config import load_entry
     from robbench.data import get_info
     from robbench.models import build_model
-    from robbench.train.loop import TrainContext, build_optimizers
+    from robbench.train.loop import DistEnv, TrainContext, build_optimizers
     from robbench.train.methods import Batch
     from robbench.train.methods.eio import EnsembleInOne
 
@@ -224,7 +224,7 @@ def test_diversification_step_accumulates_over_paths_and_adv_train_runs():
         model = build_model(e, get_info("synthetic"))
         model.train()
         ctx = TrainContext(entry=e, model=model, optimizers=build_optimizers(model, list(model.members), e.train.optimizer),
-                           device=torch.device("cpu"), dist=__import__("robbench.train.loop", fromlist=["DistEnv"]).DistEnv(),
+                           device=torch.device("cpu"), dist=DistEnv(),
                            seed=0, num_classes=10)
         method = EnsembleInOne(e.method_params)
         method.setup(ctx)
@@ -246,7 +246,10 @@ def test_diversification_step_accumulates_over_paths_and_adv_train_runs():
         x = torch.rand(8, 3, 8, 8)
         out = method.step(ctx, Batch(x, torch.arange(8) % 10, ((torch.rand(8, 3, 8, 8), torch.zeros(8, dtype=torch.long)),)))
         assert out["layer"] == 3 and out["paths"] == 3
-        assert ("adv_loss" in out) == adv and out["loss"] > out["div_loss"] * (1.0 if not adv else 1.0 - 1e-9)
+        if adv:
+            assert out["adv_loss"] > 0 and out["loss"] == pytest.approx(out["div_loss"] + out["adv_loss"])
+        else:
+            assert "adv_loss" not in out and out["loss"] == out["div_loss"] > 0
         assert rgn.gate_mode == "per_input"  # back to deployment gates for evaluation
 
 
@@ -329,20 +332,83 @@ def test_derive_writes_plain_runs_equal_to_the_rgn_paths_and_finetunes(runs, tmp
         derive_paths(str(bad), runs_dir=runs)
 
 
-def test_random_path_model_eot_evaluation_is_seeded():
-    from robbench.evaluate.engine import is_randomized, run_attack
+def test_random_path_model_eot_evaluation_is_seeded(monkeypatch):
+    """The engine attacks a randomized model through EOT; the adversarial examples and verdicts must not
+    depend on the global RNG state before the call (a resumed evaluation must redo a batch exactly)."""
+    import dataclasses
+
+    from robbench.evaluate import engine
     from robbench.evaluate.protocol import load_protocol
     from robbench.models import Ensemble
 
     model = Ensemble([rgn_transform(resnet(), {})]).eval()
-    assert is_randomized(model)
-    proto = load_protocol("demo-whitebox", ["attacks.0.params.steps=3"])
-    spec = proto.attacks[0]
+    assert engine.is_randomized(model)
+    spec = load_protocol("demo-whitebox").attacks[0]
+    spec.params_parsed = dataclasses.replace(spec.params_parsed, steps=3)
     x, y = x_batch(12), torch.arange(12) % 10
     eps = torch.full((12,), 0.1)
+    advs: list[torch.Tensor] = []
+    real = engine._make_attack
+
+    def recording(*a, **kw):
+        attack = real(*a, **kw)
+
+        def run(*args, **kwargs):
+            res = attack(*args, **kwargs)
+            advs.append(res.x_adv.detach().clone())
+            return res
+        return run
+
+    monkeypatch.setattr(engine, "_make_attack", recording)
     outs = []
     for noise in (1, 2):
         torch.manual_seed(noise)  # whatever state the global RNG is in before the attack
-        o = run_attack(spec, model, x, y, eps, randomized=True, eot_samples=2, seed_parts=(0, "t", 0))
-        outs.append(o.fooled)
+        outs.append(engine.run_attack(spec, model, x, y, eps, randomized=True, eot_samples=2,
+                                      seed_parts=(0, "t", 0)).fooled)
+    assert len(advs) == 2 * spec.params_parsed.restarts
+    half = len(advs) // 2
+    for a, b in zip(advs[:half], advs[half:]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert torch.equal(outs[0], outs[1])
+
+
+def test_reinit_paths_use_the_architecture_init_through_build_model():
+    """VGG-16 keeps torch's default conv init (EIO vgg.py); extra independent paths must be drawn like a
+    freshly built network's, not from the ResNet init."""
+    from robbench.config import load_entry
+    from robbench.data import get_info
+    from robbench.models import build_model
+
+    e = load_entry("demo_eio_pretrain", ["model.arch=vgg16", "model.width=1.0"])
+    torch.manual_seed(0)
+    rgn = find_rgn(build_model(e, get_info("digits")))
+    blk = rgn.blocks[5]
+    w0, w1 = blk.convs[0].weight.detach(), blk.convs[1].weight.detach()
+    assert not torch.equal(w0, w1)
+    bound = (1.0 / (w0.shape[1] * 9)) ** 0.5  # kaiming_uniform(a=sqrt(5)) bound = 1/sqrt(fan_in)
+    assert w1.abs().max() <= bound and w0.abs().max() <= bound
+    assert abs(float(w1.std()) - float(w0.std())) < 0.1 * float(w0.std())
+
+
+def test_random_path_accuracy_of_a_trained_rgn_run(runs):
+    from robbench.eio.deploy import random_path_accuracy
+
+    a = random_path_accuracy("demo_eio", runs, draws=3, seed=0)
+    b = random_path_accuracy("demo_eio", runs, draws=3, seed=0)
+    assert a == b and a["samples"] == 64 and len(a["per_draw"]) == 3
+    assert 0.0 <= a["mean"] <= 1.0 and a["std"] >= 0.0
+    c = random_path_accuracy("demo_eio", runs, draws=3, seed=0, mode="per_forward")
+    assert c["mode"] == "per_forward" and len(c["per_draw"]) == 3
+
+
+def test_cli_derive_errors_are_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    from robbench.eio.derive import derive_paths
+
+    r = subprocess.run([sys.executable, "-m", "robbench", "derive", "zoo/demo_eio", "--runs-dir", str(tmp_path)],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "robbench train zoo/demo_eio" in r.stderr
+    with pytest.raises(ConfigError, match="model.transform"):
+        derive_paths("demo_baseline_x3", runs_dir=tmp_path)

@@ -300,8 +300,8 @@ steps = 4
 
 
 def test_record_steps_equal_a_separate_run(runs: Path, tmp_path: Path):
-    rec = WB.replace("restarts = 2", "record_steps = [2, 6]\nearly_stop = false").replace("steps = 4", "steps = 6")
-    sep = WB.replace("restarts = 2", "early_stop = false").replace("steps = 4", "steps = 6")
+    rec = WB.replace("restarts = 2", "record_steps = [2, 6]\nearly_stop = false").replace("steps = 3", "steps = 6")
+    sep = WB.replace("restarts = 2", "early_stop = false").replace("steps = 3", "steps = 6")
     r = _ev(_proto(tmp_path, "rec", rec.replace('kind = "whitebox"', 'kind = "whitebox"\naggregation = "per_attack"')),
             ["t_one"], runs, tmp_path)["t_one"]
     s = _ev(_proto(tmp_path, "sep", sep.replace('kind = "whitebox"', 'kind = "whitebox"\naggregation = "per_attack"')),

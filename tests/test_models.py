@@ -531,15 +531,15 @@ def test_build_model_members_seeded_and_distinct():
 def test_build_model_applies_transform_per_member(monkeypatch):
     seen = []
 
-    def wrap(net, options):
-        seen.append((type(net).__name__, options))
+    def wrap(net, options, **kw):  # keywords: info, rebuild (added for EIO's transform)
+        seen.append((type(net).__name__, options, kw.get("info")))
         net.tagged = True
         return net
 
     monkeypatch.setitem(MODEL_TRANSFORMS._items, "tag_for_test", wrap)
     monkeypatch.setitem(MODEL_TRANSFORMS._params, "tag_for_test", None)
     ens = build_model(_entry(members=2, transform="tag_for_test", transform_options={"n": 2}), DIGITS)
-    assert seen == [("ResNet", {"n": 2})] * 2
+    assert seen == [("ResNet", {"n": 2}, DIGITS)] * 2
     assert all(getattr(m, "tagged", False) for m in ens.members)
     with pytest.raises(ConfigError, match="model.transform"):
         build_model(_entry(transform="no_such_transform"), DIGITS)

@@ -1,7 +1,6 @@
 """The protocol files say what the papers and reference code say; bad protocol files are one-line errors."""
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import pytest
@@ -113,6 +112,8 @@ def test_xie_and_robustbench():
     assert p.eps == [pytest.approx(16 / 255)] and q.step_size == pytest.approx(1 / 255) and q.steps == 2000
     assert q.targeted == "random" and q.init == "uniform" and q.restarts == 1
     assert q.record_steps == [10, 20, 50, 100, 200, 500, 1000, 2000]
+    ids, final = stored_ids(a)  # one run stores the whole Figure 2 curve
+    assert [i for _, i in ids][-1] == final == "pgd@steps=2000" and len(ids) == 8
     r = load_protocol("robustbench-autoattack")
     assert r.kind == "autoattack" and r.eps == [pytest.approx(8 / 255)] and r.datasets == ["cifar10"]
     assert r.attacks[0].params_parsed.version == "standard" and r.samples.selection == "first"

@@ -134,7 +134,7 @@ def build_store(root: Path) -> tuple[Path, Path]:
         day = day % 9 + 1
     # AutoAttack warning and a randomized model without EOT, both on ADP's white-box run
     adp = int(st.runs(entry="adp_resnet20_x3", protocol="dverge-whitebox")["run_id"].iloc[0])
-    st.put_meta(adp, "autoattack_warnings", ["robust accuracy at 1 restart differs from 5 restarts"])
+    st.put_meta(adp, "attack_warnings", ["robust accuracy at 1 restart differs from 5 restarts"])
     st.put_meta(adp, "randomized", True)
     # transferability: 3 members; member i's examples fool i always, others rarely; ensemble in between
     rid = st.start_run("dverge_resnet20_x3", "sha-dverge_resnet20_x3", "dverge-transferability", "t" * 8, seed=0,
@@ -257,7 +257,7 @@ def test_flags_fire_on_bad_cases_and_stay_quiet_on_good(fixture_store) -> None:
     codes: dict[str, set[str]] = {}
     for f in flags:
         codes.setdefault(f.entry, set()).add(f.code)
-    assert codes.get("adp_resnet20_x3") == {"whitebox>blackbox", "autoattack-check", "randomized-no-eot"}
+    assert codes.get("adp_resnet20_x3") == {"whitebox>blackbox", "attack-check", "randomized-no-eot"}
     assert {"rises-with-eps", "no-fall", "whitebox>blackbox"} == codes.get("gal_resnet20_x3")
     for good in ("baseline_resnet20_x3", "dverge_resnet20_x3", "advt_resnet20_x3"):
         assert good not in codes

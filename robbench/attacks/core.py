@@ -109,7 +109,8 @@ def make_generators(seed: int | None, restarts: int, device: torch.device) -> li
 
 def draw_init(x: torch.Tensor, eps: torch.Tensor, init: Init | torch.Tensor, norm: Norm,
               generator: torch.Generator | None, clean_prob: float = 0.2, tiles: int = 1,
-              clip: tuple[float, float] | None = (0.0, 1.0)) -> torch.Tensor:
+              clip: tuple[float, float] | None = (0.0, 1.0), init_rows: torch.Tensor | None = None,
+              init_base: int | None = None) -> torch.Tensor:
     """The starting perturbation delta0 for the whole batch.
 
     'uniform', L-inf: advertorch ``rand_init_delta``: ``uniform_(-1, 1) * eps`` then clip x+delta.
@@ -119,6 +120,9 @@ def draw_init(x: torch.Tensor, eps: torch.Tensor, init: Init | torch.Tensor, nor
     A tensor is used as delta0 as it is (inject the init of a peer implementation).
     ``tiles``: x is ``tiles`` stacked copies of one base batch (eps batching); the noise is drawn for the
     base batch and repeated, so every eps block sees what a separate run would.
+    ``init_rows``: the general form: row i of x takes the noise of row ``init_rows[i]`` of a base batch
+    of ``init_base`` rows (default max + 1), so packed (eps, sample) pairs still draw what a run on the
+    base batch (e.g. the reference's batch of 200) would.
     """
     if isinstance(init, torch.Tensor):
         if init.shape != x.shape:
@@ -126,9 +130,15 @@ def draw_init(x: torch.Tensor, eps: torch.Tensor, init: Init | torch.Tensor, nor
         return init.to(x).clone()
     if init == "none":
         return torch.zeros_like(x)
-    if x.shape[0] % tiles:
+    if init_rows is not None:
+        n_base = int(init_base) if init_base is not None else int(init_rows.max().item()) + 1
+        if init_rows.shape != (x.shape[0],) or int(init_rows.max().item()) >= n_base:
+            raise ValueError(f"init_rows must be [{x.shape[0]}] indices below init_base={n_base}")
+        base = (n_base, *x.shape[1:])
+    elif x.shape[0] % tiles:
         raise ValueError(f"batch {x.shape[0]} is not a multiple of tiles={tiles}")
-    base = (x.shape[0] // tiles, *x.shape[1:])
+    else:
+        base = (x.shape[0] // tiles, *x.shape[1:])
     dev = x.device if generator is None else generator.device
     if init == "clean_or_uniform":
         if float(torch.rand((1,), generator=generator, device=dev).item()) < clean_prob:
@@ -143,7 +153,9 @@ def draw_init(x: torch.Tensor, eps: torch.Tensor, init: Init | torch.Tensor, nor
         radius = torch.rand((base[0],), dtype=x.dtype, device=dev, generator=generator).pow(1.0 / d)
         u = direction / flat_norm(direction, 2).clamp_min(1e-12) * radius.reshape(-1, *([1] * (x.ndim - 1)))
     u = u.to(x.device)
-    if tiles > 1:
+    if init_rows is not None:
+        u = u[init_rows.to(x.device)]
+    elif tiles > 1:
         u = u.repeat(tiles, *([1] * (x.ndim - 1)))
     delta = u * eps
     if clip is not None:
@@ -337,6 +349,8 @@ def iterative_attack(
     seed: int | None = 0,
     rng: Sequence[torch.Generator | None] | None = None,
     tiles: int = 1,
+    init_rows: torch.Tensor | None = None,
+    init_base: int | None = None,
     record_steps: Sequence[int] = (),
     clip: tuple[float, float] | None = (0.0, 1.0),
     labels_from: Literal["true", "prediction"] = "true",
@@ -347,7 +361,8 @@ def iterative_attack(
 
     ``model``: any callable x -> output (logits, log-probabilities, or features for ``feature_mse``).
     ``eps``/``step_size``: floats or per-sample tensors [B] (batch several eps by repeating x; pass
-    ``tiles`` so each copy draws the same init noise as a separate run).
+    ``tiles`` so each copy draws the same init noise as a separate run; ``init_rows``/``init_base`` for
+    any packing, see :func:`draw_init`).
     ``targeted``: target labels [B] (loss variant moving towards them); ``feature_target``: target
     features or a zero-argument callable for ``feature_mse``.
     ``labels_from='prediction'``: attack the model's clean predictions (DI2-FGSM uses the predictions
@@ -409,7 +424,7 @@ def iterative_attack(
 
     for r in range(restarts):
         # drawn for the whole batch, also for skipped samples, so the random stream never shifts
-        delta0 = draw_init(x, eps_t, init, norm, gens[r], clean_prob, tiles, clip)
+        delta0 = draw_init(x, eps_t, init, norm, gens[r], clean_prob, tiles, clip, init_rows, init_base)
         act = (~done).nonzero().squeeze(1) if mode != "none" else torch.arange(bsz, device=dev)
         if act.numel() == 0:
             continue

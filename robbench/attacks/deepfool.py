@@ -46,6 +46,7 @@ def deepfool(model: Model, x: torch.Tensor, y: torch.Tensor, *, steps: int = 50,
     ranking (the original's ``num_classes=10``); None = every class.
     ``labels_from='true'``: attack ``y``; a sample already misclassified is returned unchanged (norm 0).
     ``'prediction'``: attack the clean prediction, as the original does.
+    ``clip``: the box every visited point is clipped to (see the module docstring); None = unbounded.
     """
     x = x.detach()
     dev = x.device

@@ -15,5 +15,6 @@ __all__ = ["RandomGatedNetwork", "RGNOptions", "find_rgn", "rgn_transform"]
 
 @MODEL_TRANSFORMS.register("rgn", params=RGNOptions)
 def rgn(net: nn.Module, options: Any = None, info: Any = None, **kwargs: Any) -> RandomGatedNetwork:
-    """``model.transform = 'rgn'``: every conv(+norm) becomes a random gated block (see rgn.py)."""
+    """``model.transform = 'rgn'``: every conv(+norm) becomes a random gated block (see rgn.py).
+    Optional keywords: ``info`` (DatasetInfo), ``rebuild`` (factory of a fresh plain member)."""
     return rgn_transform(net, options, info=info, **kwargs)

@@ -85,7 +85,7 @@ def write_derived(rgn: RandomGatedNetwork, src: ZooEntry, source_run: str, paths
         entry = plain_entry(src, name, len(group), source_run,
                             f"Ensemble-in-One: {'ensemble of ' if len(group) > 1 else ''}path(s) "
                             f"{'; '.join(path_tag(p) for p in group)} of {source_run} (not fine-tuned)")
-        model = build_model(entry, get_info(entry.data.dataset))
+        model = build_model(entry, get_info(entry.data.dataset, entry.data.options))
         for member, p in zip(model.members, group):
             member.load_state_dict(rgn.derive_state_dict(p), strict=True)
         RunDir(runs_dir, name).save_final(model, entry, extra={**extra, "eio_paths": [list(p) for p in group]},
@@ -183,7 +183,7 @@ def finetune_derived(ft: ZooEntry, derived: list[str], paths: list[GatePath], ex
                                     tags=sorted(set(ft.tags) | {"eio-derived"}), overrides=[],
                                     description=f"Ensemble-in-One: the {len(paths)} fine-tuned paths "
                                                 f"{', '.join(names[:len(paths)])} as one ensemble")
-        ens = build_model(entry, get_info(entry.data.dataset))
+        ens = build_model(entry, get_info(entry.data.dataset, entry.data.options))
         with torch.no_grad():
             for dst, m in zip(ens.members, members):
                 dst.load_state_dict(m.state_dict(), strict=True)

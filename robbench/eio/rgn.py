@@ -20,7 +20,7 @@ import copy
 import dataclasses
 import re
 from dataclasses import dataclass
-from typing import Any, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 from torch import nn
@@ -50,9 +50,9 @@ class RGNOptions:
         False, help="true = one conv per RGB and a BatchNorm per path (released augment_op.py and its "
                     "checkpoint); false = independent conv weights per path (paper text §3.2)")
     path_init: Literal["reinit", "copy"] = opt(
-        "reinit", help="independent paths: 'reinit' draws each extra path's conv from the ResNet/VGG init "
-                       "normal(0, sqrt(2/(k*k*out))) (independent parameters, paper §3.2); 'copy' repeats the "
-                       "original layer n times (identical at init)")
+        "reinit", help="independent paths: 'reinit' initialises each extra path like a freshly built network "
+                       "(independent parameters, paper §3.2); 'copy' repeats the original layer n times "
+                       "(identical at init)")
     gate_mode: Literal["per_input", "per_forward", "fixed"] = opt(
         "per_input", help="how a loaded RGN picks paths when evaluated as a whole (random-path deployment, "
                           "§3.4): a new path per input, per forward call, or the fixed path (default path 0)")
@@ -81,7 +81,8 @@ class RandomGatedBlock(nn.Module):
     """
 
     def __init__(self, conv: nn.Conv2d, norm: nn.Module | None, n: int, *, share_conv: bool,
-                 path_init: str, conv_name: str, norm_name: str | None) -> None:
+                 path_init: str, conv_name: str, norm_name: str | None,
+                 fresh: list[tuple[nn.Module, nn.Module | None]] | None = None) -> None:
         super().__init__()
         self.n = n
         self.share_conv = share_conv
@@ -90,10 +91,16 @@ class RandomGatedBlock(nn.Module):
         convs = [conv] if share_conv else [conv] + [copy.deepcopy(conv) for _ in range(n - 1)]
         norms = [] if norm is None else [norm] + [copy.deepcopy(norm) for _ in range(n - 1)]
         if path_init == "reinit":
-            for c in convs[1:]:
-                _reinit_conv(c)
-            for m in norms[1:]:
-                _reset_norm(m)
+            if fresh is not None:  # the same layers of freshly built networks: the architecture's own init
+                if not share_conv:
+                    convs[1:] = [c for c, _ in fresh]
+                if norms:
+                    norms[1:] = [m for _, m in fresh]  # type: ignore[misc]
+            else:
+                for c in convs[1:]:
+                    _reinit_conv(c)  # type: ignore[arg-type]
+                for m in norms[1:]:
+                    _reset_norm(m)
         self.convs = nn.ModuleList(convs)
         self.norms = nn.ModuleList(norms)
         self.active: int | torch.Tensor = 0
@@ -357,12 +364,15 @@ class RandomGatedNetwork(nn.Module):
 
 
 def rgn_transform(net: nn.Module, options: RGNOptions | dict[str, Any] | None = None, *,
-                  info: Any = None, **_: Any) -> RandomGatedNetwork:
+                  info: Any = None, rebuild: Callable[[], nn.Module] | None = None, **_: Any) -> RandomGatedNetwork:
     """Turn ``net`` (one member, normalization included) into a :class:`RandomGatedNetwork` in place.
 
     Every conv (optionally without the shortcut convs) with the norm layer that consumes its output
     becomes an RGB; with ``layers='topK'`` only the first K in forward order. ``info`` (a DatasetInfo)
-    gives the probe input size; without it common sizes are tried.
+    gives the probe input size; without it common sizes are tried. ``rebuild`` (a factory of the same
+    plain network) lets ``path_init='reinit'`` take the extra paths from freshly built networks, i.e.
+    the architecture's own init; without it they are drawn from the ResNet/VGG reference init
+    normal(0, sqrt(2/(k*k*out))).
     """
     o = parse_rgn_options(options)
     trace = _trace(net, getattr(info, "image_size", None), getattr(info, "in_channels", None))
@@ -380,12 +390,16 @@ def rgn_transform(net: nn.Module, options: RGNOptions | dict[str, Any] | None = 
     layer_gates = [sum(1 for c in trace.taps_after.get(t, []) if c in gated_set) for t in taps]
     # preprint A.3: "when only augmenting the top k layers ... l will be bounded within the range [1, k]"
     max_layer = len(taps) if k is None else min(k, len(taps))
+    spares = ([rebuild() for _ in range(o.augment_factor - 1)]
+              if rebuild is not None and o.path_init == "reinit" else None)
     for conv_name in gated:
         conv = net.get_submodule(conv_name)
         norm_name = trace.norm_of.get(conv_name)
         norm = net.get_submodule(norm_name) if norm_name else None
+        fresh = None if spares is None else [
+            (f.get_submodule(conv_name), f.get_submodule(norm_name) if norm_name else None) for f in spares]
         block = RandomGatedBlock(conv, norm, o.augment_factor, share_conv=o.share_conv, path_init=o.path_init,  # type: ignore[arg-type]
-                                 conv_name=conv_name, norm_name=norm_name)
+                                 conv_name=conv_name, norm_name=norm_name, fresh=fresh)
         _replace(net, conv_name, block)
         if norm_name:
             _replace(net, norm_name, nn.Identity())

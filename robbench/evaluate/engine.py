@@ -14,9 +14,10 @@ loads each in eval mode, selects the samples, and runs three kinds of work per s
 Every (attack, sample batch) commits to the store in one transaction under the key ``<attack>|b<batch>``;
 a killed evaluation resumes at the first uncommitted key and a finished run is skipped unless ``force``.
 Clean accuracy is attack ``clean`` at eps 0. In all-or-nothing protocols with ``early_stop`` a sample
-already wrong at an eps (on clean inputs or under an earlier attack) is not attacked again at that eps and
-is recorded as fooled for the skipped attacks, which keeps the all-or-nothing result exact (run meta says
-so). Randomized models (``randomized = True`` on the model or a submodule) are attacked through an EOT
+already fooled at an eps by an earlier attack is not attacked again at that eps and is recorded as fooled
+for the skipped attacks, which keeps the all-or-nothing result exact (run meta says so); within an attack
+the core skips later restarts of fooled samples. An eps whose samples are all still active is attacked as
+one call on the whole batch, so the first attack sees exactly the reference's batches and random init. Randomized models (``randomized = True`` on the model or a submodule) are attacked through an EOT
 wrapper (mean of ``eot_samples`` softmax draws per forward) and judged on one seeded draw per restart.
 Under ``torchrun`` sample batches are dealt round-robin over ranks and rank 0 writes the store.
 """
@@ -242,6 +243,7 @@ class AttackOut:
     step_correct: dict[int, torch.Tensor]      # K -> [P] bool
     warnings: list[str] = field(default_factory=list)
     grad_passes: int = 0
+    eval_passes: int = 0
 
 
 def run_attack(spec: AttackSpec, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor, *,
@@ -255,7 +257,7 @@ def run_attack(spec: AttackSpec, model: nn.Module, x: torch.Tensor, y: torch.Ten
         fooled = torch.zeros(len(x), dtype=torch.bool, device=x.device)
         outs: dict[int, torch.Tensor] = {}
         warns: list[str] = []
-        grads = 0
+        grads = evals = 0
         for e in uniq:
             m = eps == e
             o = run_attack(spec, model, x[m], y[m], eps[m], randomized=randomized, eot_samples=eot_samples,
@@ -265,12 +267,14 @@ def run_attack(spec: AttackSpec, model: nn.Module, x: torch.Tensor, y: torch.Ten
                 outs.setdefault(k, torch.ones(len(x), dtype=torch.bool, device=x.device))[m] = v
             warns += o.warnings
             grads += o.grad_passes
-        return AttackOut(fooled, outs, warns, grads)
+            evals += o.eval_passes
+        return AttackOut(fooled, outs, warns, grads, evals)
     eps_arg: float | torch.Tensor = eps if tensor_eps else float(uniq[0])
     if not randomized:
         res = _make_attack(spec, params)(model, x, y, eps_arg)
+        st = getattr(res, "stats", {}) or {}
         return AttackOut(res.fooled.to(torch.bool), dict(getattr(res, "step_correct", {}) or {}),
-                         list(getattr(res, "warnings", []) or []), int((getattr(res, "stats", {}) or {}).get("grad", 0)))
+                         list(getattr(res, "warnings", []) or []), int(st.get("grad", 0)), int(st.get("eval", 0)))
     # randomized: run restarts one by one (restart r = seed + r, as inside the core) and judge each
     # restart's example on one seeded random draw of the deployed model
     restarts = int(_param(params, "restarts", 1) or 1)
@@ -279,9 +283,10 @@ def run_attack(spec: AttackSpec, model: nn.Module, x: torch.Tensor, y: torch.Ten
     fooled = torch.zeros(len(x), dtype=torch.bool, device=x.device)
     step_correct: dict[int, torch.Tensor] = {}
     warns: list[str] = []
-    grads = 0
+    grads = evals = 0
     for r in range(restarts):
         p_r = _with(params, restarts=1, seed=None if seed is None else int(seed) + r)
+        torch.manual_seed(_derive_seed(*seed_parts, "eot", r))  # EOT draws seeded too (engineer E, EIO)
         res = _make_attack(spec, p_r)(eot, x, y, eps_arg)
         torch.manual_seed(_derive_seed(*seed_parts, "draw", r))
         with torch.no_grad():
@@ -289,8 +294,9 @@ def run_attack(spec: AttackSpec, model: nn.Module, x: torch.Tensor, y: torch.Ten
         for k, v in (getattr(res, "step_correct", {}) or {}).items():
             step_correct[k] = step_correct.get(k, torch.ones_like(v)) & v
         warns += list(getattr(res, "warnings", []) or [])
-        grads += int((getattr(res, "stats", {}) or {}).get("grad", 0))
-    return AttackOut(fooled, step_correct, warns, grads)
+        grads += int((getattr(res, "stats", {}) or {}).get("grad", 0)) * eot_samples
+        evals += int((getattr(res, "stats", {}) or {}).get("eval", 0)) * eot_samples + len(x)
+    return AttackOut(fooled, step_correct, warns, grads, evals)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -335,7 +341,7 @@ class Context:
     force: bool
     quiet: bool
     early_stop: bool
-    stats: dict[str, Any] = field(default_factory=lambda: {"grad_passes": 0, "attack_seconds": 0.0,
+    stats: dict[str, Any] = field(default_factory=lambda: {"grad_passes": 0, "eval_passes": 0, "attack_seconds": 0.0,
                                                            "generated_batches": 0, "computed_keys": []})
     ids: list[int] = field(default_factory=list)                           # the current target's samples
     set_keys: dict[tuple[str, str, float], str] = field(default_factory=dict)  # (source, attack, eps) -> key
@@ -419,6 +425,8 @@ def _evaluate_one(ctx: Context, name: str) -> int:
     data = load_split(t.dataset, proto.samples.split, ctx.data_root, t.data_options)
     ids = select_samples(proto, data, t.dataset, t.model, ctx.device)
     ctx.ids, ctx.set_cache = ids, {}
+    ctx.stats.update(grad_passes=0, eval_passes=0, attack_seconds=0.0, computed_keys=[])
+    ctx.stats.pop("warnings", None)
     sources = list(proto.sources) if any(proto.attack_on(a) == "sources" for a in proto.attacks) else []
     groups = and_groups(proto, sources)
     meta = {
@@ -426,9 +434,9 @@ def _evaluate_one(ctx: Context, name: str) -> int:
         "samples": {"selection": proto.samples.selection, "n": len(ids), "split": proto.samples.split,
                     "seed": proto.samples.seed, "sha256": indices_sha256(ids), "dataset": t.dataset},
         "and_groups": groups, "member": proto.member, "world_size": dist.world, "device": str(ctx.device),
-        "early_stop": ("all-or-nothing early stop: samples wrong on clean inputs or fooled by an earlier attack "
-                       "at an eps are not attacked again at that eps and are stored as fooled (correct=0, "
-                       "margin NULL) for the skipped attacks; the all-or-nothing result is unchanged")
+        "early_stop": ("all-or-nothing early stop: a sample fooled by an earlier attack at an eps is not "
+                       "attacked again at that eps and is stored as fooled (correct=0, margin NULL) for the "
+                       "skipped attacks; the all-or-nothing result is unchanged")
         if ctx.early_stop else "off: every attack runs on every sample",
         "seeding": "each sample batch restarts the attack seeds (restart r: seed + r), so results do not "
                    "depend on resume or sharding; DVERGE seeds once per restart for the whole set",
@@ -461,7 +469,9 @@ def _evaluate_one(ctx: Context, name: str) -> int:
             warns = ctx.stats.pop("warnings", None)
             if warns:
                 ctx.store.put_meta(run_id, "attack_warnings", sorted(set(warns)))
+            # sample-passes through the model (an ensemble pass runs every member)
             ctx.store.put_meta(run_id, "work", {"grad_passes": ctx.stats["grad_passes"],
+                                                "eval_passes": ctx.stats["eval_passes"],
                                                 "attack_seconds": round(ctx.stats["attack_seconds"], 3)})
             ctx.store.finish_run(run_id)
     except BaseException as e:
@@ -483,22 +493,39 @@ def _committed_rows(committed: Any, keys_attacks: Iterable[str], sample_ids: Seq
 
 def _batches_loop(ctx: Context, t: Target, data: Any, ids: list[int], done: set[str], committed: Any,
                   committer: Committer, sources: list[str]) -> None:
+    """Phase 1 per sample batch: clean, target attacks, member attacks. Phase 2 per transfer set group
+    (attack x source, all eps): its sets are loaded once and read batch by batch."""
+    from robbench.device import memory_format
+
     proto, dist = ctx.proto, ctx.dist
     batches = _batches(ids, proto.batch_size)
-    bar = _progress(ctx, len(ids), f"{t.name} {proto.name}")
-    for rnd in range(dist.rounds(len(batches))):
-        b = dist.item(rnd)
-        if b < len(batches):
-            bid = batches[b]
-            x, y = data.get(bid)
-            x, y = x.to(ctx.device), y.to(ctx.device)
-            from robbench.device import memory_format
 
-            x = x.contiguous(memory_format=memory_format(ctx.device))
-            _one_batch(ctx, t, b, bid, x, y, done, committed, committer, sources)
-        committer.flush()
-        bar.update(sum(len(batches[i]) for i in range(rnd * dist.world, min(len(batches), (rnd + 1) * dist.world))))
-    bar.close()
+    def rounds(desc: str, work: Callable[[int, list[int], torch.Tensor, torch.Tensor], None]) -> None:
+        bar = _progress(ctx, len(ids), desc)
+        for rnd in range(dist.rounds(len(batches))):
+            b = dist.item(rnd)
+            if b < len(batches):
+                x, y = data.get(batches[b])
+                x = x.to(ctx.device).contiguous(memory_format=memory_format(ctx.device))
+                work(b, batches[b], x, y.to(ctx.device))
+            committer.flush()
+            bar.update(sum(len(batches[i]) for i in range(rnd * dist.world, min(len(batches), (rnd + 1) * dist.world))))
+        bar.close()
+
+    rounds(f"{t.name} {proto.name}",
+           lambda b, bid, x, y: _one_batch(ctx, t, b, bid, x, y, done, committed, committer))
+    for spec in proto.attacks:
+        if proto.attack_on(spec) != "sources":
+            continue
+        for src in sources:
+            aid = f"{spec.id}@source={src}"
+            if all(f"{aid}|b{b}" in done for b in range(len(batches))):
+                continue
+            ctx.set_cache = {}
+            rounds(f"{t.name} <- {aid}",
+                   lambda b, bid, x, y, spec=spec, src=src: _transfer_eval(ctx, t, spec, src, b, bid, x, y, done,
+                                                                           committer))
+    ctx.set_cache = {}
 
 
 def _margin(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -516,7 +543,7 @@ def _predict(ctx: Context, t: Target, x: torch.Tensor, seed_parts: tuple[Any, ..
 
 
 def _one_batch(ctx: Context, t: Target, b: int, bid: list[int], x: torch.Tensor, y: torch.Tensor,
-               done: set[str], committed: Any, committer: Committer, sources: list[str]) -> None:
+               done: set[str], committed: Any, committer: Committer) -> None:
     proto = ctx.proto
     member_attacks = [a for a in proto.attacks if proto.attack_on(a) == "members"]
     # clean (member rows too when the protocol crafts on members: the heatmap's sanity check)
@@ -542,18 +569,16 @@ def _one_batch(ctx: Context, t: Target, b: int, bid: list[int], x: torch.Tensor,
 
     def state(e: float) -> torch.Tensor:
         if e not in robust:
-            robust[e] = clean_ok.clone() if ctx.early_stop else torch.ones_like(clean_ok)
+            robust[e] = torch.ones_like(clean_ok)  # clean errors are attacked too, as the reference does
         return robust[e]
 
     for spec in proto.attacks:
         on = proto.attack_on(spec)
         if on == "target":
             _target_attack(ctx, t, spec, b, bid, x, y, done, committed, committer, state)
-        elif on == "sources":
-            for src in sources:
-                _transfer_eval(ctx, t, spec, src, b, bid, x, y, done, committed, committer, state)
-        else:
+        elif on == "members":
             _member_attack(ctx, t, spec, b, bid, x, y, done, committer)
+        # transfer sets: a second pass (_batches_loop), one set group at a time
 
 
 def _target_attack(ctx: Context, t: Target, spec: AttackSpec, b: int, bid: list[int], x: torch.Tensor,
@@ -573,25 +598,21 @@ def _target_attack(ctx: Context, t: Target, spec: AttackSpec, b: int, bid: list[
                 state(e).logical_and_(ok)
         return
     B = len(bid)
-    pairs = [(ei, i) for ei, e in enumerate(eps_list) for i in range(B) if bool(state(e)[i])]
     fooled = {e: torch.ones(B, dtype=torch.bool, device=x.device) for e in eps_list}  # skipped: fooled before
     steps_ok = {k: {e: torch.zeros(B, dtype=torch.bool, device=x.device) for e in eps_list}
                 for k in record_steps(spec)}
-    for e in eps_list:
-        fooled[e][state(e)] = False
-    size = proto.batch_size
     t0 = time.perf_counter()
-    for c in range(0, len(pairs), size):
-        chunk = pairs[c:c + size]
-        ei = torch.tensor([p[0] for p in chunk], device=x.device)
-        ii = torch.tensor([p[1] for p in chunk], device=x.device)
+    for c, calls in enumerate(_pack_calls([state(e) for e in eps_list], proto.batch_size)):
+        ei = torch.tensor([p[0] for p in calls], device=x.device)
+        ii = torch.tensor([p[1] for p in calls], device=x.device)
         eps_t = torch.tensor(eps_list, dtype=x.dtype, device=x.device)[ei]
         o = run_attack(spec, t.model, x[ii], y[ii], eps_t, randomized=t.randomized,
                        eot_samples=proto.eot_samples, seed_parts=(proto.seed, spec.id, b, c))
         ctx.stats["grad_passes"] += o.grad_passes
+        ctx.stats["eval_passes"] += o.eval_passes
         if o.warnings:
             ctx.stats.setdefault("warnings", []).extend(o.warnings)
-        for j, (e_idx, i) in enumerate(chunk):
+        for j, (e_idx, i) in enumerate(calls):
             e = eps_list[e_idx]
             fooled[e][i] = bool(o.fooled[j])
             for k in steps_ok:
@@ -606,6 +627,30 @@ def _target_attack(ctx: Context, t: Target, spec: AttackSpec, b: int, bid: list[
             state(e).logical_and_(~fooled[e])
     committer.commit(key, rows)
     ctx.stats["computed_keys"].append(key)
+
+
+def _pack_calls(active: list[torch.Tensor], size: int) -> list[list[tuple[int, int]]]:
+    """Attack calls for one sample batch: lists of (eps index, row). An eps whose rows are all still
+    active is one call on the whole batch in its order (the same call, and random init, as a separate
+    run at that eps, e.g. DVERGE's eval_wbox.py batch); the remaining partial blocks are packed together
+    up to ``size`` rows per call (eps batching through a per-sample eps tensor)."""
+    calls: list[list[tuple[int, int]]] = []
+    pack: list[tuple[int, int]] = []
+    for ei, a in enumerate(active):
+        rows = [(ei, int(i)) for i in a.nonzero().flatten().tolist()]
+        if not rows:
+            continue
+        if len(rows) == len(a):
+            calls.append(rows)
+            continue
+        for r in rows:
+            if len(pack) == size:
+                calls.append(pack)
+                pack = []
+            pack.append(r)
+    if pack:
+        calls.append(pack)
+    return calls
 
 
 def _member_attack(ctx: Context, t: Target, spec: AttackSpec, b: int, bid: list[int], x: torch.Tensor,
@@ -732,8 +777,7 @@ def _store_source_accuracy(ctx: Context, s: Target, specs: list[AttackSpec], ids
 
 
 def _transfer_eval(ctx: Context, t: Target, spec: AttackSpec, src: str, b: int, bid: list[int], x: torch.Tensor,
-                   y: torch.Tensor, done: set[str], committed: Any, committer: Committer,
-                   state: Callable[[float], torch.Tensor]) -> None:
+                   y: torch.Tensor, done: set[str], committer: Committer) -> None:
     from robbench.evaluate import transfer
 
     proto = ctx.proto
@@ -744,12 +788,10 @@ def _transfer_eval(ctx: Context, t: Target, spec: AttackSpec, src: str, b: int, 
     eps_list = proto.attack_eps(spec)
     rows: list[Row] = []
     start = b * proto.batch_size
-    cache = ctx.set_cache
+    cache = ctx.set_cache  # this set group's sets, loaded (and verified) once per target
     for e in eps_list:
         k = ctx.set_keys[(src, spec.id, e)]
         if k not in cache:
-            if len(cache) >= 64:
-                cache.clear()
             cache[k] = transfer.load_set(k, root=ctx.cache_root, expect_ids=ctx.ids)
         ts = cache[k]
         sl = slice(start, start + len(bid))

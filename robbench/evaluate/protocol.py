@@ -75,8 +75,8 @@ class Protocol:
     norm: Literal["linf", "l2"] = "linf"
     batch_size: int = opt(200, min=1, max=1 << 20, help="samples per batch (DVERGE eval_wbox.py: 200)")
     aggregation: str = opt("all_or_nothing", registry="aggregations")
-    early_stop: bool = opt(True, help="all-or-nothing only: a sample fooled at an eps (or wrong on clean "
-                                      "inputs) is not attacked again at that eps and is recorded as fooled")
+    early_stop: bool = opt(True, help="all-or-nothing only: a sample fooled at an eps by an earlier attack "
+                                      "is not attacked again at that eps and is recorded as fooled")
     clean: bool = opt(True, help="store clean accuracy as attack 'clean', eps 0")
     eot_samples: int = opt(20, min=1, help="randomized models: EOT draws per gradient (AutoAttack rand: 20)")
     seed: int = opt(0, min=0, help="seed for per-batch randomness (random targets, random paths)")

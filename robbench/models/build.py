@@ -40,6 +40,19 @@ def _transform(entry: Any) -> tuple[Any, Any] | tuple[None, None]:
     return fn, options
 
 
+def _transform_context(fn: Any, entry: Any, info: DatasetInfo) -> dict[str, Any]:
+    """Optional keywords for a transform that declares them (added for EIO's 'rgn', engineer E):
+    ``info`` and ``rebuild`` (a factory of a fresh plain member, so extra layers get the architecture's
+    own init). Transforms taking only ``(net, options)`` are called as before."""
+    import inspect
+
+    ps = inspect.signature(fn).parameters
+    offered = {"info": info, "rebuild": lambda: build_network(entry.model, info, entry.arch_params)}
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in ps.values()):
+        return offered
+    return {k: v for k, v in offered.items() if k in ps}
+
+
 def build_model(entry: Any, info: DatasetInfo) -> Ensemble:
     """The entry's model as an :class:`Ensemble` (also for one member).
 
@@ -53,7 +66,7 @@ def build_model(entry: Any, info: DatasetInfo) -> Ensemble:
     for _ in range(entry.model.members):
         net = build_network(entry.model, info, entry.arch_params)
         if fn is not None:
-            net = fn(net, options)
+            net = fn(net, options, **_transform_context(fn, entry, info))
         members.append(net)
     return Ensemble(nn.ModuleList(members), combine=entry.model.combine)
 

@@ -46,8 +46,12 @@ _SCALARS = (bool, int, float, str, type(None))
 def _signature(m: nn.Module) -> tuple:
     """Structure plus plain Python settings (sgm_gamma, MixtureBN route, ...): the vmap path runs every
     member through member 0's module code and attributes, so these must agree."""
-    settings = tuple((name, type(mod), tuple(sorted((k, v) for k, v in vars(mod).items()
-                                                     if not k.startswith("_") and isinstance(v, _SCALARS))))
+    def plain(v: object) -> bool:
+        return isinstance(v, _SCALARS) or (isinstance(v, (list, tuple)) and all(isinstance(e, _SCALARS) for e in v))
+
+    settings = tuple((name, type(mod), tuple(sorted((k, tuple(v) if isinstance(v, list) else v)
+                                                    for k, v in vars(mod).items()
+                                                    if not k.startswith("_") and plain(v))))
                      for name, mod in m.named_modules())
     return (settings,
             tuple((k, tuple(v.shape), v.dtype) for k, v in m.named_parameters()),

@@ -228,7 +228,8 @@ def resnet18(spec: Any, info: DatasetInfo, options: Any = None) -> nn.Module:
 # 200: He et al. 2016b "Identity Mappings" / fb.resnet.torch. Xie & Yuille name ResNet-200/338/518/638
 # but neither the paper nor its code (nets.py only has 50/101/152) gives their block counts; robbench
 # extends ResNet-200's pattern: res2 = res5 = 3 blocks and the other (depth-2)/3 - 6 blocks split
-# 2:3 between res3 and res4 (24:36 at depth 200). [unverified] -- override with model.options.blocks.
+# 2:3 between res3 and res4 (24:36 at depth 200), giving 338 = [3, 42, 64, 3], 518 = [3, 66, 100, 3],
+# 638 = [3, 82, 124, 3]. [unverified] -- override with model.options.blocks.
 IMAGENET_BLOCKS: dict[int, list[int]] = {
     50: [3, 4, 6, 3],
     101: [3, 4, 23, 3],
@@ -236,14 +237,14 @@ IMAGENET_BLOCKS: dict[int, list[int]] = {
 }
 
 
-def deep_resnet_blocks(depth: int) -> list[int]:
+def deep_resnet_blocks(depth: int, file: str | None = None) -> list[int]:
     """Bottleneck blocks per stage for an ImageNet ResNet-``depth`` (see IMAGENET_BLOCKS)."""
     if depth in IMAGENET_BLOCKS:
         return list(IMAGENET_BLOCKS[depth])
     if depth < 200 or (depth - 2) % 3:  # below 200 only the He et al. depths are defined
         raise ConfigError(f"ImageNet ResNet depth {depth} unknown; allowed: 50, 101, 152, or 3k+2 >= 200 "
                           "(200, 338, 518, 638, ...), or give model.options.blocks",
-                          field="model.options.depth")
+                          file=file, field="model.options.depth")
     middle = (depth - 2) // 3 - 6
     res3 = round(middle * 2 / 5)
     return [3, res3, middle - res3, 3]
@@ -313,10 +314,7 @@ class DeepResNetOptions:
                                   f"not depth = {self.depth}; allowed: depth = 2 + 3 * sum(blocks)",
                                   file=file, field="model.options.blocks")
         else:
-            try:
-                deep_resnet_blocks(self.depth)
-            except ConfigError as e:
-                raise ConfigError(str(e).split(": ", 1)[-1], file=file, field="model.options.depth") from None
+            deep_resnet_blocks(self.depth, file)
 
 
 @ARCHITECTURES.register("resnet_imagenet", params=DeepResNetOptions)

@@ -44,15 +44,27 @@ def heatmap(matrix: "pandas.DataFrame", title: str, path: Path) -> None:  # noqa
 
 def line_panels(panels: Sequence[tuple[str, dict[str, tuple[list[float], list[float]]]]], xlabel: str,
                 ylabel: str, path: Path, xlog: bool = False, ylim: tuple[float, float] | None = (0, 100)) -> None:
-    """One subplot per panel; each panel maps a series label to (xs, ys)."""
+    """One subplot per panel; each panel maps a series label to (xs, ys). A label ending in ' (paper)'
+    is drawn dashed in the colour of the series it belongs to (published beside reproduced)."""
     k = max(1, len(panels))
     fig = new_figure(3.2 * k + 0.4, 3.0)
+    colours = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (title, series) in enumerate(panels):
         ax = fig.add_subplot(1, k, i + 1)
+        bases = list(dict.fromkeys(lbl.removesuffix(" (paper)") for lbl in series))
+        xticks: set[float] = set()
         for label, (xs, ys) in series.items():
-            ax.plot(xs, ys, marker="o", markersize=3, linewidth=1.2, label=label)
+            base = label.removesuffix(" (paper)")
+            paper = label != base
+            colour = colours[bases.index(base) % len(colours)]
+            ax.plot(xs, ys, marker="" if paper else "o", markersize=3, linewidth=1.0 if paper else 1.4,
+                    linestyle="--" if paper else "-", color=colour, label=None if paper else base)
+            xticks.update(xs)
         if xlog:
             ax.set_xscale("log")
+        if 0 < len(xticks) <= 10:
+            ax.set_xticks(sorted(xticks))
+            ax.set_xticklabels([f"{x:g}" for x in sorted(xticks)])
         if ylim is not None:
             ax.set_ylim(*ylim)
         ax.set_title(title, fontsize=9)

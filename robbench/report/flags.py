@@ -6,7 +6,7 @@
 - ``rises-with-eps``: accuracy that grows with eps (a larger ball contains the smaller one).
 - ``no-fall``: white-box accuracy at the largest eps still above half the clean accuracy (strong
   white-box attacks at large eps drive accuracy toward 0; AdvT ResNet-20 is at 9.5% of 77.2% at 0.07).
-- ``autoattack-check``: the warnings AutoAttack's own checks raised (stored in the run's meta).
+- ``attack-check``: warnings the attacks raised (AutoAttack's own gradient-masking checks among them; run_meta ``attack_warnings``).
 - ``randomized-no-eot``: a randomized model (random gated inference) evaluated without EOT.
 """
 from __future__ import annotations
@@ -58,8 +58,12 @@ def protocol_info(name: str, run: RunInfo | None = None) -> dict[str, Any]:
     info: dict[str, Any] = {"kind": raw.get("kind", "whitebox" if raw else ""), "paper": raw.get("paper", ""),
                             "member": raw.get("member"), "datasets": list(raw.get("datasets", []))}
     if run is not None:
-        for k in ("kind", "paper", "member"):
-            if k in run.meta and not info.get(k):
+        # the engine records the resolved protocol in the run's meta: that is what ran
+        resolved = run.meta.get("protocol") if isinstance(run.meta.get("protocol"), dict) else {}
+        for k in ("kind", "paper", "member", "datasets"):
+            if k in resolved:
+                info[k] = resolved[k]
+            elif k in run.meta and not info.get(k):
                 info[k] = run.meta[k]
         # the run's own overrides win (eio '/3/1': --set member=0)
         for o in run.overrides:
@@ -112,19 +116,22 @@ def pair_flags(entry: str, wb_protocol: str, wb: dict[float, float], bb_protocol
 
 def meta_flags(run: RunInfo, entry_cfg: dict[str, Any]) -> list[Flag]:
     flags = []
-    warnings = run.meta.get("autoattack_warnings") or run.meta.get("autoattack_checks") or []
+    # the engine stores attack warnings (AutoAttack's own checks among them) as run_meta 'attack_warnings'
+    warnings = run.meta.get("attack_warnings") or run.meta.get("autoattack_warnings") or []
     if isinstance(warnings, dict):
         warnings = [f"{k}: {v}" for k, v in sorted(warnings.items()) if v]
     if isinstance(warnings, str):
         warnings = [warnings]
     for w in warnings:
-        flags.append(Flag(run.entry, run.protocol, None, "autoattack-check", f"AutoAttack check: {w}"))
+        flags.append(Flag(run.entry, run.protocol, None, "attack-check", f"attack check: {w}"))
     model = entry_cfg.get("model", {}) if isinstance(entry_cfg, dict) else {}
-    randomized = bool(run.meta.get("randomized", False)) or bool(model.get("transform"))
-    if "randomized" in run.meta:
-        randomized = bool(run.meta["randomized"])  # the engine knows best (a derived single path is not)
-    eot = run.meta.get("eot", run.meta.get("eot_samples", 0))
-    if randomized and not eot:
+    eot = run.meta.get("eot")
+    if isinstance(eot, dict):  # the engine's record: {"randomized": bool, "samples": k}
+        randomized, draws = bool(eot.get("randomized")), int(eot.get("samples", 0) or 0)
+    else:
+        randomized = bool(run.meta.get("randomized", model.get("transform") == "rgn"))
+        draws = int(eot or run.meta.get("eot_samples", 0) or 0)
+    if randomized and draws < 2:
         flags.append(Flag(run.entry, run.protocol, None, "randomized-no-eot",
                           "randomized model evaluated without EOT: white-box numbers overstate robustness"))
     return flags

@@ -61,7 +61,9 @@ def leaderboard(results: Results, configured_eps: dict[str, float], exclude: lis
         cc = clean_counts(df)
         cfg = results.resolved_entry(run.entry)
         data = cfg.get("data", {}) if isinstance(cfg, dict) else {}
-        dataset = data.get("dataset") or run.meta.get("dataset") or (info["datasets"][0] if info["datasets"] else "?")
+        samples = run.meta.get("samples") if isinstance(run.meta.get("samples"), dict) else {}
+        dataset = (data.get("dataset") or samples.get("dataset") or run.meta.get("dataset")
+                   or (info["datasets"][0] if info["datasets"] else "?"))
         rows.append({
             "protocol": run.protocol, "dataset": dataset, "entry": run.entry,
             "robust": round(100 * kn[0] / kn[1], 4), "robust_ci_low": round(100 * lo, 4),

@@ -139,9 +139,10 @@ class PaperReport:
         from robbench.report.reference import table_layout
 
         rows, cols = table_layout(p, tb)
+        rows = [r for r in rows if r in view.rows] or rows  # the rows this view reproduces, for shape
         if not rows:
             return []
-        out = [f"Published ({p} Table {tb}):", "", "| | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 1)]
+        out = [f"Published ({p} Table {tb}, the rows above):", "", "| | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 1)]
         for r in rows:
             vals = [published(p, tb, r, c) for c in cols]
             out.append("| " + r + " | " + " | ".join(fmt_ref(v, decimals(v)) for v in vals) + " |")

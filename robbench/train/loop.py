@@ -435,7 +435,7 @@ def train_loop(entry: ZooEntry, model: nn.Module, method: Method, run: RunDir | 
             dist.all_reduce(vec)
             losses = {k: float(v) / env.world_size for k, v in zip(sorted(losses), vec)}
         last = {"epoch": epoch + 1, "lr": lr, "losses": losses, "test_acc": evals["acc"],
-                "member_test_acc": evals["member_acc"], "seconds": round(seconds, 3), "batches": n_batches,
+                "member_test_acc": {str(i): a for i, a in enumerate(evals["member_acc"])}, "seconds": round(seconds, 3), "batches": n_batches,
                 "peak_mem_mb": round(mem, 1), "peak_mem_kind": mem_kind, "world_size": env.world_size,
                 **{k: v for k, v in ctx.extras.items() if k.startswith("log_")}}
         if run is not None and env.is_main:

@@ -1,0 +1,211 @@
+"""dverge-whitebox three ways on a 3-member ResNet-20 ensemble (32x32 inputs), in one process.
+
+1. robbench: ``evaluate_protocol('dverge-whitebox', ...)`` (the whole engine: loading, clean pass, store);
+2. reference style: advertorch ``LinfPGDAttack`` per eps and per restart over all samples, restart r
+   after ``torch.manual_seed(r)``, members looped in the ensemble forward, no early stop
+   (DVERGE eval/eval_wbox.py);
+3. torchattacks ``PGD`` in the same loop, if installed.
+
+Prints the time ratios, checks the all-or-nothing accuracies agree (robbench and the reference draw the
+same random starts, so they should match exactly), and compares robbench's time with the raw cost of
+the forward+backward passes it actually performed (its run meta counts them).
+
+The ensemble is briefly trained on the ``synthetic`` dataset at 32x32 (CIFAR is not needed): an
+undefended ensemble that most PGD restarts fool, as the issue's speed target assumes.
+Usage: ``python benchmarks/whitebox.py [--n 100] [--steps 50] [--train-steps 40]``.
+"""
+from __future__ import annotations
+
+import argparse
+import collections.abc
+import importlib
+import os
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
+
+
+def advertorch_shim() -> None:
+    """advertorch 0.2.3 imports torch's removed ``zero_gradients``; provide it before importing it."""
+    gc = importlib.import_module("torch.autograd.gradcheck")
+
+    def zero_gradients(x):  # type: ignore[no-untyped-def]
+        if isinstance(x, torch.Tensor):
+            if x.grad is not None:
+                x.grad.detach_()
+                x.grad.zero_()
+        elif isinstance(x, collections.abc.Iterable):
+            for e in x:
+                zero_gradients(e)
+
+    if not hasattr(gc, "zero_gradients"):
+        gc.zero_gradients = zero_gradients
+
+
+DATA_OPTS = "{image_size = 32, n_test = 500, n_train = 2000, noise = 0.3, contrast = 0.15}"
+
+
+def make_run(root: Path, train_steps: int) -> None:
+    from robbench.checkpoint import RunDir
+    from robbench.config import load_entry
+    from robbench.data import get_info, load_split
+    from robbench.models import build_model
+
+    zoo = root / "zoo"
+    zoo.mkdir(parents=True, exist_ok=True)
+    f = zoo / "bench_resnet20_x3.toml"
+    f.write_text(f'paper = "dverge"\n[model]\narch = "resnet20"\nmembers = 3\n[data]\ndataset = "synthetic"\n'
+                 f'options = {DATA_OPTS}\n[train]\nepochs = 1\n')
+    entry = load_entry(str(f))
+    torch.manual_seed(0)
+    info = get_info("synthetic", entry.data.options)
+    model = build_model(entry, info)
+    data = load_split("synthetic", "train", options=entry.data.options)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    g = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(train_steps):
+        x, y = data.get(torch.randint(0, len(data), (64,), generator=g))
+        loss = sum(torch.nn.functional.cross_entropy(m(x), y) for m in model.members)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    RunDir(root / "runs", "bench_resnet20_x3").save_final(model.eval(), entry)
+
+
+def reference_loop(model, x, y, eps_list, steps, restarts, attack_factory):  # type: ignore[no-untyped-def]
+    acc = {}
+    for eps in eps_list:
+        robust = torch.ones(len(y), dtype=torch.bool)
+        atk = attack_factory(eps)
+        for r in range(restarts):
+            torch.manual_seed(r)
+            adv = atk(x, y)
+            with torch.no_grad():
+                robust &= model(adv).argmax(1) == y
+        acc[eps] = robust.float().mean().item()
+    return acc
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=100)
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--restarts", type=int, default=5)
+    ap.add_argument("--train-steps", type=int, default=40)
+    ap.add_argument("--eps", type=str, default="0.01,0.02,0.03,0.04,0.05,0.06,0.07")
+    args = ap.parse_args()
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+
+    from robbench.checkpoint import load_trained
+    from robbench.data import load_split
+    from robbench.evaluate.aggregations import aggregate
+    from robbench.evaluate.engine import evaluate_protocol, select_samples
+    from robbench.evaluate.protocol import load_protocol
+    from robbench.store import Store
+
+    eps_list = [float(e) for e in args.eps.split(",")]
+    tmp = Path(tempfile.mkdtemp(prefix="robbench-bench-"))
+    t0 = time.perf_counter()
+    make_run(tmp, args.train_steps)
+    print(f"setup: trained a 3-member ResNet-20 on synthetic 32x32 for {args.train_steps} steps "
+          f"({time.perf_counter() - t0:.1f}s)")
+    overrides = ['datasets=["synthetic"]', f"attacks=[{{id = \"pgd-ce\", attack = \"pgd\", params = {{loss = \"ce\", "
+                 f"steps = {args.steps}, rel_step = 0.2, restarts = {args.restarts}, init = \"uniform\", "
+                 f"keep = \"last\", early_stop = true}}}}]"]
+    proto = load_protocol("dverge-whitebox", overrides, n=args.n, eps=eps_list, batch_size=max(200, args.n))
+
+    # 1. robbench
+    t0 = time.perf_counter()
+    run_id = evaluate_protocol("dverge-whitebox", ["bench_resnet20_x3"], n=args.n, eps=eps_list,
+                               batch_size=max(200, args.n), overrides=overrides, runs_dir=tmp / "runs",
+                               db=tmp / "r.db", quiet=True)["bench_resnet20_x3"]
+    t_rb = time.perf_counter() - t0
+    with Store(tmp / "r.db") as s:
+        df = s.outcomes(run_id)
+        work = s.get_meta(run_id, "work")
+    table = aggregate("all_or_nothing", df)
+    acc_rb = {float(r.eps): float(r.accuracy) for r in table[table["attack"] == "all"].itertuples()}
+    clean = float(table[table["attack"] == "clean"]["accuracy"].iloc[0])
+
+    # the same samples, model and batch for the peers
+    model, manifest = load_trained("bench_resnet20_x3", tmp / "runs", "cpu")
+    entry_opts = manifest["config"]["data"]["options"]
+    data = load_split("synthetic", "test", options=entry_opts)
+    ids = select_samples(proto, data, "synthetic")
+    x, y = data.get(ids)
+
+    # 2. reference style (advertorch)
+    advertorch_shim()
+    from advertorch.attacks import LinfPGDAttack
+
+    def adv_factory(eps):  # type: ignore[no-untyped-def]
+        a = LinfPGDAttack(model, loss_fn=torch.nn.CrossEntropyLoss(reduction="sum"), eps=eps, nb_iter=args.steps,
+                          eps_iter=eps / 5, rand_init=True, clip_min=0.0, clip_max=1.0, targeted=False)
+        return a.perturb
+
+    t0 = time.perf_counter()
+    acc_ref = reference_loop(model, x, y, eps_list, args.steps, args.restarts, adv_factory)
+    t_ref = time.perf_counter() - t0
+
+    # 3. torchattacks
+    acc_ta, t_ta = None, None
+    try:
+        import torchattacks
+
+        def ta_factory(eps):  # type: ignore[no-untyped-def]
+            return torchattacks.PGD(model, eps=eps, alpha=eps / 5, steps=args.steps, random_start=True)
+
+        t0 = time.perf_counter()
+        acc_ta = reference_loop(model, x, y, eps_list, args.steps, args.restarts, ta_factory)
+        t_ta = time.perf_counter() - t0
+    except ImportError:
+        print("torchattacks not installed: skipped")
+
+    # raw cost of the passes robbench performed: time fwd+bwd (input gradient) per sample at this batch
+    from robbench.device import memory_format
+
+    m_cl = model.to(memory_format=memory_format(torch.device("cpu")))
+    xb = x.contiguous(memory_format=memory_format(torch.device("cpu")))
+    for p in m_cl.parameters():
+        p.requires_grad_(False)
+    reps = 3
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        xi = xb.clone().requires_grad_(True)
+        torch.autograd.grad(torch.nn.functional.cross_entropy(m_cl(xi), y, reduction="sum"), xi)
+    per_grad = (time.perf_counter() - t0) / (reps * len(xb))
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for _ in range(reps):
+            m_cl(xb)
+    per_eval = (time.perf_counter() - t0) / (reps * len(xb))
+    raw = work["grad_passes"] * per_grad + work["eval_passes"] * per_eval
+
+    print(f"\nn={args.n} eps={eps_list} PGD-{args.steps} x{args.restarts} restarts, clean accuracy {clean:.3f}")
+    print(f"{'eps':>6s} {'robbench':>9s} {'advertorch':>10s} {'torchattacks':>12s}")
+    for e in eps_list:
+        ta = f"{acc_ta[e]:12.3f}" if acc_ta else f"{'-':>12s}"
+        print(f"{e:6.2f} {acc_rb[e]:9.3f} {acc_ref[e]:10.3f} {ta}")
+    same_ref = all(abs(acc_rb[e] - acc_ref[e]) < 1e-9 for e in eps_list)
+    close_ta = acc_ta is None or all(abs(acc_rb[e] - acc_ta[e]) <= 3 / args.n for e in eps_list)
+    print(f"robbench == advertorch reference (same random starts): {same_ref}")
+    if acc_ta is not None:
+        print(f"robbench ~ torchattacks (other random starts; within 3 samples): {close_ta}")
+    print(f"\ntime  robbench {t_rb:7.1f}s   advertorch loop {t_ref:7.1f}s   "
+          + (f"torchattacks loop {t_ta:7.1f}s" if t_ta else ""))
+    print(f"speedup vs reference-style loop: {t_ref / t_rb:.2f}x (target >= 3x)")
+    if t_ta:
+        print(f"speedup vs torchattacks loop:    {t_ta / t_rb:.2f}x")
+    print(f"robbench performed {work['grad_passes']} fwd+bwd and {work['eval_passes']} fwd sample-passes "
+          f"(the reference: {len(eps_list) * args.restarts * len(x) * args.steps} fwd+bwd); their raw cost "
+          f"{raw:.1f}s; robbench total / raw = {t_rb / raw:.2f} (target <= 1.2); attack time alone / raw = "
+          f"{work['attack_seconds'] / raw:.2f}")
+
+
+if __name__ == "__main__":
+    main()

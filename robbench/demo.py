@@ -1,0 +1,130 @@
+"""The embedded default: a complete mini benchmark on scikit-learn's digits (``make demo``).
+
+Trains every demo zoo entry (``paper = "demo"``: baseline, ADP, GAL, DVERGE, AdvT, Ensemble-in-One and
+the hold-out surrogates) in dependency order, derives and fine-tunes the Ensemble-in-One path, runs the
+scaled demo protocols (black-box, white-box, transferability; every scaled value is declared in
+``protocols/demo-*.toml``) and writes the report. Each step skips finished work (complete runs, done
+protocol runs, committed batches), so an interrupted demo resumes where it stopped.
+
+``smallest=True`` is the end-to-end test size: one epoch per entry and a few samples per protocol, in a
+separate work folder so it never mixes with full-size results.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from robbench.config import list_entries, list_protocols, load_raw
+from robbench.errors import ConfigError
+from robbench.paths import PROTOCOLS_DIR, ZOO_DIR, results_db, runs_dir as default_runs_dir
+
+DEMO_PAPER = "demo"
+PROTOCOL_ORDER = ("transfer", "whitebox", "transferability")  # black-box first: its sets are cached for all
+EIO_DERIVED_TAG = "eio-finetuned"   # entries fine-tuned from paths derived from an RGN (robbench derive)
+EIO_PATHS = 1                       # one derived model: the EIO tables' '/1' rows (preprint Tables 3-4)
+SMALLEST_EPOCHS = 1
+SMALLEST_N = 12
+
+
+def demo_entries() -> list[dict[str, Any]]:
+    """Demo zoo entries as raw data (name, tags, init_from), in training order: an entry after the one
+    it starts from (``train.init_from``)."""
+    raw = {}
+    for name in list_entries(ZOO_DIR):
+        data, _ = load_raw(name, ZOO_DIR, "zoo entry")
+        if data.get("paper") == DEMO_PAPER:
+            raw[name] = {"name": name, "tags": list(data.get("tags", [])),
+                         "init_from": (data.get("train") or {}).get("init_from")}
+    order: list[str] = []
+
+    def visit(n: str, stack: tuple[str, ...] = ()) -> None:
+        if n in order or n not in raw:
+            return
+        if n in stack:
+            raise ConfigError(f"init_from cycle: {' -> '.join((*stack, n))}", file=str(ZOO_DIR / f"{n}.toml"),
+                              field="train.init_from")
+        dep = raw[n]["init_from"]
+        if dep:
+            visit(dep, (*stack, n))
+        order.append(n)
+
+    for n in sorted(raw):
+        visit(n)
+    return [raw[n] for n in order]
+
+
+def demo_protocols() -> list[str]:
+    found = []
+    for name in list_protocols(PROTOCOLS_DIR):
+        data, _ = load_raw(name, PROTOCOLS_DIR, "protocol")
+        if data.get("paper") == DEMO_PAPER:
+            found.append((PROTOCOL_ORDER.index(data["kind"]) if data.get("kind") in PROTOCOL_ORDER else
+                          len(PROTOCOL_ORDER), name))
+    return [n for _, n in sorted(found)]
+
+
+def _say(msg: str) -> None:
+    print(f"[demo] {msg}", file=sys.stderr, flush=True)
+
+
+def run_demo(out: str | Path = "reports/demo", smallest: bool = False, device: str | None = None,
+             runs_dir: str | Path | None = None, db: str | Path | None = None,
+             data_root: str | Path | None = None) -> Path:
+    """Train, evaluate and report the digits demo into ``out``; returns the report's index path.
+
+    Full size uses the usual ``runs/`` and ``results/robbench.db`` (so ``robbench report`` sees the demo
+    too); ``smallest`` works under ``<out>/.work/`` unless ``runs_dir``/``db`` are given."""
+    from robbench.eio.derive import derive_paths
+    from robbench.evaluate.engine import evaluate_protocol
+    from robbench.report import write_report
+    from robbench.train.run import train_entry
+
+    out = Path(out)
+    if smallest:
+        work = out / ".work"
+        runs = Path(runs_dir) if runs_dir is not None else work / "runs"
+        store = Path(db) if db is not None else work / "robbench.db"
+    else:
+        runs = Path(runs_dir) if runs_dir is not None else default_runs_dir()
+        store = Path(db) if db is not None else results_db()
+    train_over = [f"train.epochs={SMALLEST_EPOCHS}"] if smallest else []
+    t0 = time.perf_counter()
+
+    entries = demo_entries()
+    if not entries:
+        raise ConfigError(f"no zoo entry with paper = {DEMO_PAPER!r}", file=str(ZOO_DIR), field="paper")
+    for e in entries:
+        if EIO_DERIVED_TAG in e["tags"]:
+            continue  # trained by derive_paths below, once its RGN exists
+        _say(f"train {e['name']}")
+        train_entry(e["name"], overrides=train_over, device=device, runs_dir=runs, data_root=data_root,
+                    progress=False)
+    for e in entries:
+        if EIO_DERIVED_TAG in e["tags"]:
+            done = runs / f"{e['name']}_path0" / "manifest.json"
+            if _complete(done):
+                _say(f"{e['name']}: derived path already fine-tuned")
+                continue
+            _say(f"derive and fine-tune {e['name']} ({EIO_PATHS} path)")
+            derive_paths(e["name"], count=EIO_PATHS, seed=0, device=device, runs_dir=runs, data_root=data_root)
+    _say(f"training done in {time.perf_counter() - t0:.0f}s")
+
+    for proto in demo_protocols():
+        _say(f"evaluate {proto}")
+        evaluate_protocol(proto, None, n=SMALLEST_N if smallest else None, device=device, runs_dir=runs, db=store,
+                          data_root=data_root, quiet=True)
+    _say(f"evaluation done at {time.perf_counter() - t0:.0f}s")
+    index = write_report(paper=DEMO_PAPER, out=out, db=store, runs_dir=runs, fmt="md")
+    _say(f"report written to {index} ({time.perf_counter() - t0:.0f}s in all)")
+    return index
+
+
+def _complete(manifest: Path) -> bool:
+    import json
+
+    try:
+        return json.loads(manifest.read_text()).get("status") == "complete"
+    except (FileNotFoundError, ValueError):
+        return False
