@@ -109,7 +109,7 @@ class ResNet(nn.Module):
         super().__init__()
         self.normalize = normalize
         self.blocks_per_stage = list(blocks)
-        self.sgm_bottleneck = block is Bottleneck  # SGM uses sqrt(gamma) on bottleneck nets
+        self.sgm_bottleneck = block is Bottleneck  # informational: the hook-based SGM reference needs sqrt(gamma) here; our explicit op does not (attacks/sgm.py)
         if stem == "cifar":
             self.conv1 = conv3x3(cfg.in_channels, stem_width)
         else:
