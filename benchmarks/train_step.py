@@ -155,7 +155,7 @@ def main() -> None:
     print(f"DVERGE step, 3 x ResNet-20, batch {b}, {s}x{s}, layer {args.layer}, device {device.type}, "
           f"threads {torch.get_num_threads()}")
     print(f"  reference-style {t_ref * 1000:8.0f} ms   robbench {t_rb * 1000:8.0f} ms   "
-          f"speed-up {t_ref / t_rb:.2f}x (target >= 1.5x)")
+          f"speed-up {t_ref / t_rb:.2f}x (target >= 1.5x)", flush=True)
     print(f"  first-step losses reference {[round(v, 5) for v in ref_losses]} robbench "
           f"{[round(v, 5) for v in rb_losses]} max |diff| {diff:.2e}")
 

@@ -6,8 +6,10 @@ scaled demo protocols (black-box, white-box, transferability; every scaled value
 ``protocols/demo-*.toml``) and writes the report. Each step skips finished work (complete runs, done
 protocol runs, committed batches), so an interrupted demo resumes where it stopped.
 
-``smallest=True`` is the end-to-end test size: one epoch per entry and a few samples per protocol, in a
-separate work folder so it never mixes with full-size results.
+``smallest=True`` is the end-to-end test size: two epochs per entry, two inner attack/distillation steps
+and a few samples per protocol, in a
+separate work folder so it never mixes with full-size results. Trained entries are checked against
+their resolved config, so a smallest run never reuses full-size weights or the other way round.
 """
 from __future__ import annotations
 
@@ -24,8 +26,10 @@ DEMO_PAPER = "demo"
 PROTOCOL_ORDER = ("transfer", "whitebox", "transferability")  # black-box first: its sets are cached for all
 EIO_DERIVED_TAG = "eio-finetuned"   # entries fine-tuned from paths derived from an RGN (robbench derive)
 EIO_PATHS = 1                       # one derived model: the EIO tables' '/1' rows (preprint Tables 3-4)
-SMALLEST_EPOCHS = 1
-SMALLEST_N = 12
+SMALLEST_EPOCHS = 2
+SMALLEST_N = 8
+# inner attack/distillation steps at the smallest size, applied where the entry's method has the option
+SMALLEST_PARAMS = {"steps": 2, "adv_steps": 2, "distill_steps": 2}
 
 
 def demo_entries() -> list[dict[str, Any]]:
@@ -35,8 +39,9 @@ def demo_entries() -> list[dict[str, Any]]:
     for name in list_entries(ZOO_DIR):
         data, _ = load_raw(name, ZOO_DIR, "zoo entry")
         if data.get("paper") == DEMO_PAPER:
-            raw[name] = {"name": name, "tags": list(data.get("tags", [])),
-                         "init_from": (data.get("train") or {}).get("init_from")}
+            train = data.get("train") or {}
+            raw[name] = {"name": name, "tags": list(data.get("tags", [])), "init_from": train.get("init_from"),
+                         "method": train.get("method", "baseline")}
     order: list[str] = []
 
     def visit(n: str, stack: tuple[str, ...] = ()) -> None:
@@ -65,6 +70,19 @@ def demo_protocols() -> list[str]:
     return [n for _, n in sorted(found)]
 
 
+def smallest_overrides(method: str) -> list[str]:
+    """``--set`` overrides of the end-to-end test size: fewer epochs and inner steps (only the options
+    the method has)."""
+    import dataclasses
+
+    from robbench.registry import METHODS
+
+    params = METHODS.params(method)
+    names = {f.name for f in dataclasses.fields(params)} if params is not None else set()
+    return [f"train.epochs={SMALLEST_EPOCHS}"] + [f"train.params.{k}={v}" for k, v in sorted(SMALLEST_PARAMS.items())
+                                                 if k in names]
+
+
 def _say(msg: str) -> None:
     print(f"[demo] {msg}", file=sys.stderr, flush=True)
 
@@ -89,7 +107,6 @@ def run_demo(out: str | Path = "reports/demo", smallest: bool = False, device: s
     else:
         runs = Path(runs_dir) if runs_dir is not None else default_runs_dir()
         store = Path(db) if db is not None else results_db()
-    train_over = [f"train.epochs={SMALLEST_EPOCHS}"] if smallest else []
     t0 = time.perf_counter()
 
     entries = demo_entries()
@@ -99,7 +116,7 @@ def run_demo(out: str | Path = "reports/demo", smallest: bool = False, device: s
         if EIO_DERIVED_TAG in e["tags"]:
             continue  # trained by derive_paths below, once its RGN exists
         _say(f"train {e['name']}")
-        train_entry(e["name"], overrides=train_over, device=device, runs_dir=runs, data_root=data_root,
+        train_entry(e["name"], overrides=smallest_overrides(e["method"]) if smallest else [], device=device, runs_dir=runs, data_root=data_root,
                     progress=False)
     for e in entries:
         if EIO_DERIVED_TAG in e["tags"]:

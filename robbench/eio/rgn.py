@@ -17,7 +17,6 @@ gated block (RGB) of n candidate paths, exactly one open per forward.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import re
 from dataclasses import dataclass
 from typing import Any, Callable, Literal, Sequence
@@ -420,9 +419,6 @@ def find_rgn(model: nn.Module) -> RandomGatedNetwork:
     raise ConfigError("this model has no random gated network; allowed: entries with model.transform = 'rgn'",
                       field="model.transform")
 
-
-def options_dict(o: RGNOptions) -> dict[str, Any]:
-    return dataclasses.asdict(o)
 
 
 @torch.no_grad()

@@ -5,14 +5,13 @@ from __future__ import annotations
 import fnmatch
 import json
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from robbench.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -46,11 +45,9 @@ class Results:
 
         self.db = Path(db)
         self.runs_dir = Path(runs_dir)
-        if not self.db.exists():
-            raise UserError("results store not found; run `robbench evaluate --protocol NAME` first or pass --db",
-                            file=str(self.db))
         self._store_mod = store_mod
-        self.store = store_mod.Store(self.db)
+        # no store yet: report the published numbers with every cell 'not run' (and create no file)
+        self.store = store_mod.Store(self.db if self.db.exists() else ":memory:")
         self._outcomes: dict[Any, pd.DataFrame] = {}
         self._aon: dict[tuple[Any, ...], tuple[int, int] | None] = {}
 
@@ -112,7 +109,7 @@ class Results:
             from robbench.config import load_entry
 
             return load_entry(entry).resolved()
-        except (UserError, Exception):  # an entry no longer in zoo/: the report still renders
+        except Exception:  # an entry no longer in zoo/ (or invalid now): the report still renders
             return {}
 
     def log(self, entry: str) -> list[dict[str, Any]]:

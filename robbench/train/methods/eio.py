@@ -66,6 +66,8 @@ class EIOOptions(AdvOptions):
     adv_train: bool = opt(False, help="EIO+AdvT (preprint App. A.2, Eq. 5): + CE on PGD examples of each path "
                                       "(PGD options adv_*: 8/255, 2/255, 10 steps, random start, train-mode BN "
                                       "as the reference --adv_train)")
+    batched_distillation: bool = opt(True, help="distil the p paths in one attack call (faster; activations "
+                                                "of p paths at once) or one path at a time (memory of one path)")
     from_scratch: bool = opt(False, help="allow 'diversify' without train.init_from (skips pre-training)")
 
 
@@ -141,7 +143,7 @@ class EnsembleInOne(Method):
         with module_mode(ctx.model, o.distill_bn_mode):
             return distill(views, x_s, x_t, layer, eps=o.eps_d, step_size=step, steps=o.distill_steps,
                            momentum=o.distill_momentum or None, rand_start=o.distill_rand_start,
-                           before_relu=o.feature_before_relu)
+                           before_relu=o.feature_before_relu, batched=o.batched_distillation)
 
     def _diversify(self, ctx: "TrainContext", rgn: RandomGatedNetwork, batch: Batch) -> dict[str, float]:
         o: EIOOptions = self.options
