@@ -60,7 +60,10 @@ def test_reinit_paths_differ_and_share_conv_stores_one_conv():
     plain = sum(p.numel() for p in net.parameters())
     conv_params = sum(m.weight.numel() for m in net.modules() if isinstance(m, nn.Conv2d)
                       and "shortcut" not in str(m))
-    rgn = rgn_transform(copy.deepcopy(net), {"gate_mode": "fixed"}).eval()
+    same = rgn_transform(copy.deepcopy(net), {}).blocks[4]  # default 'copy': identical at init
+    assert torch.equal(same.convs[0].weight, same.convs[1].weight)
+    assert same.convs[0].weight.data_ptr() != same.convs[1].weight.data_ptr()  # separate parameters
+    rgn = rgn_transform(copy.deepcopy(net), {"gate_mode": "fixed", "path_init": "reinit"}).eval()
     x = x_batch()
     rgn.set_path([0] * rgn.num_gates)
     a = rgn(x)
@@ -148,7 +151,7 @@ def test_derived_state_dict_equals_rgn_on_that_path(share_conv, shortcut, make):
 
 
 def test_random_path_deployment_varies_and_is_seeded():
-    rgn = rgn_transform(resnet(), {})  # default gate_mode: per_input
+    rgn = rgn_transform(resnet(), {"path_init": "reinit"})  # paths differ; default gate_mode: per_input
     assert rgn.randomized
     rgn.eval()
     x = x_batch(16)
@@ -326,6 +329,14 @@ def test_derive_writes_plain_runs_equal_to_the_rgn_paths_and_finetunes(runs, tmp
     tuned = RunDir(runs, "ft_test_path0").read_manifest()
     assert tuned["extra"]["init_from"]["entry"] == "demo_eio_path0" and tuned["epochs_done"] == 1
     assert load_trained("ft_test_ens2", runs)[0].num_members == 2
+    # a fine-tuned run made from other derived weights (RGN retrained) is not silently reused
+    rd = RunDir(runs, "ft_test_path1")
+    mf = rd.read_manifest()
+    mf["extra"]["init_from"]["weights_sha256"] = "0" * 64
+    rd.write_manifest(mf)
+    from robbench.errors import CheckpointError
+    with pytest.raises(CheckpointError, match="older weights"):
+        derive_paths(str(ft), count=2, seed=0, runs_dir=runs)
     bad = tmp_path / "ft_bad.toml"
     bad.write_text('extends = "demo_eio_ft"\n[data]\ndataset = "synthetic"\n')
     with pytest.raises(ConfigError, match="model.width"):
@@ -341,7 +352,7 @@ def test_random_path_model_eot_evaluation_is_seeded(monkeypatch):
     from robbench.evaluate.protocol import load_protocol
     from robbench.models import Ensemble
 
-    model = Ensemble([rgn_transform(resnet(), {})]).eval()
+    model = Ensemble([rgn_transform(resnet(), {"path_init": "reinit"})]).eval()
     assert engine.is_randomized(model)
     spec = load_protocol("demo-whitebox").attacks[0]
     spec.params_parsed = dataclasses.replace(spec.params_parsed, steps=3)
@@ -379,7 +390,8 @@ def test_reinit_paths_use_the_architecture_init_through_build_model():
     from robbench.data import get_info
     from robbench.models import build_model
 
-    e = load_entry("demo_eio_pretrain", ["model.arch=vgg16", "model.width=1.0"])
+    e = load_entry("demo_eio_pretrain", ["model.arch=vgg16", "model.width=1.0",
+                                         "model.transform_options.path_init=reinit"])
     torch.manual_seed(0)
     rgn = find_rgn(build_model(e, get_info("digits")))
     blk = rgn.blocks[5]

@@ -20,6 +20,7 @@ name (``<ft>_path<i>``, ``<ft>_ens<K>``, the latter assembled from the K fine-tu
 from __future__ import annotations
 
 import dataclasses
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -31,7 +32,7 @@ from robbench.data.base import seeded_generator
 from robbench.data import get_info
 from robbench.eio.rgn import Path as GatePath
 from robbench.eio.rgn import RandomGatedNetwork, find_rgn
-from robbench.errors import ConfigError
+from robbench.errors import CheckpointError, ConfigError
 
 
 def parse_path_arg(text: str) -> GatePath | None:
@@ -156,10 +157,27 @@ def derive_paths(entry: str, path: str = "random", count: int = 1, seed: int = 0
              "derive_seed": None if explicit is not None else seed}
     names = _run_names(source, paths, explicit is not None, seed)
     write_derived(rgn, src, source, paths, names, runs_dir, extra)
+    for name, p in zip(names, paths):
+        print(f"{name}: path {path_tag(p)} of {source}", file=sys.stderr)
+    if len(names) > len(paths):
+        print(f"{names[-1]}: ensemble of the {len(paths)} paths", file=sys.stderr)
     if finetune is None:
         return names
     return names + finetune_derived(finetune, names[:len(paths)], paths, explicit is not None, seed, device,
                                     runs_dir, data_root)
+
+
+def _check_not_stale(tuned: RunDir, derived: RunDir) -> None:
+    """A fine-tuned run started from other weights than the path derived now (the RGN was retrained)
+    must not be reported as done."""
+    if not tuned.exists():
+        return
+    started = tuned.read_manifest().get("extra", {}).get("init_from", {}).get("weights_sha256")
+    now = derived.read_manifest()["files"].get("model.safetensors")
+    if started is not None and started != now:
+        raise CheckpointError(f"was fine-tuned from older weights of {derived.name} (the RGN changed since); move "
+                              f"{tuned.path} away to fine-tune again", file=str(tuned.manifest_path),
+                              field="extra.init_from.weights_sha256")
 
 
 def finetune_derived(ft: ZooEntry, derived: list[str], paths: list[GatePath], explicit: bool, seed: int,
@@ -171,6 +189,7 @@ def finetune_derived(ft: ZooEntry, derived: list[str], paths: list[GatePath], ex
 
     names = _run_names(ft.name, paths, explicit, seed)
     for name, src_run in zip(names, derived):
+        _check_not_stale(RunDir(runs_dir, name), RunDir(runs_dir, src_run))
         train_entry(ft.source, overrides=[*ft.overrides, f"name={name}", f"train.init_from={src_run}"],
                     device=device, runs_dir=runs_dir, data_root=data_root)
     if len(names) > len(paths):

@@ -43,10 +43,13 @@ def forward_passes(results: Results, run: RunInfo, cfg: dict[str, Any], member: 
 
 
 def leaderboard(results: Results, configured_eps: dict[str, float], exclude: list[str],
-                flags: list[Flag]) -> pd.DataFrame:
+                flags: list[Flag], protocols: set[str] | None = None) -> pd.DataFrame:
+    """Ranked runs of every protocol (of ``protocols`` when given)."""
     rows = []
     for run in results.runs.values():
         if any(fnmatch.fnmatch(run.protocol, p) for p in exclude):
+            continue
+        if protocols is not None and run.protocol not in protocols:
             continue
         info = protocol_info(run.protocol, run)
         if info["kind"] not in RANKED_KINDS:

@@ -62,6 +62,14 @@ def _records(df: pd.DataFrame) -> list[dict[str, Any]]:
     return [{k: _clean(v) for k, v in r.items()} for r in df.to_dict(orient="records")]
 
 
+def table_label(table: str) -> str:
+    """'4' -> 'Table 4: ', 'preprint-3' -> 'Table 3 (preprint): ', a view's own id -> ''."""
+    if table.isdigit():
+        return f"Table {table}: "
+    prefix, _, num = table.rpartition("-")
+    return f"Table {num} ({prefix}): " if prefix and num.isdigit() else ""
+
+
 # ----------------------------------------------------------------------------------------------
 # Paper pages
 # ----------------------------------------------------------------------------------------------
@@ -94,8 +102,7 @@ class PaperReport:
             for c in t.columns:
                 self.cells.append(t.cells[(key, c)].record(view.paper, view.table))
         ref_p, ref_t = view.ref_paper_table
-        label = f"Table {view.table}" if view.table[:1].isdigit() else view.table
-        self.md += [f"## {label}: {view.title}", ""]
+        self.md += [f"## {table_label(view.table)}{view.title}", ""]
         if view.compare:
             self.md.append("Cell: reproduced (published, Δ) in %, then the 95% Wilson interval. "
                            "`not run`: no finished evaluation yet; `·`: no zoo entry for this row; "
@@ -126,8 +133,7 @@ class PaperReport:
             uniform = next(iter(ns)) if len(ns) == 1 else None
             texts = [cell_text(cr, t.view.compare, {f: self.flag_id(f) for f in cr.flags}, uniform) for cr in crs]
             n_txt, seed_txt = (str(uniform[0]), str(uniform[1])) if uniform else (("–", "–") if not ns else ("var.", "var."))
-            name = r if t.view.rows.get(r) else f"{r}"
-            lines.append("| " + " | ".join([name, *texts, n_txt, seed_txt]) + " |")
+            lines.append("| " + " | ".join([r, *texts, n_txt, seed_txt]) + " |")
         entries = [(r, t.view.rows[r]) for r in t.rows if t.view.rows.get(r)]
         if entries:
             lines += ["", "Entries: " + ", ".join(f"{r} = `{e}`" for r, e in entries) + "."]
@@ -405,8 +411,9 @@ def write_report(paper: str = "all", out: str | Path = "reports", db: str | Path
         pr = PaperReport(p, spec, results, flags, folder, fmt)
         summaries.append(pr.build())
         pr.write()
-    board = lb.leaderboard(results, spec.headline_eps, spec.leaderboard_exclude, flags)
-    fl = flags_frame(flags)
+    protos = None if paper == "all" else _paper_protocols(spec, paper)
+    board = lb.leaderboard(results, spec.headline_eps, spec.leaderboard_exclude, flags, protos)
+    fl = flags_frame([f for f in flags if protos is None or f.protocol in protos])
     if fmt == "md":
         _write(out / "leaderboard.md", lb.to_markdown(board))
         _write(out / "leaderboard.html", lb.to_html(board))
@@ -422,6 +429,17 @@ def write_report(paper: str = "all", out: str | Path = "reports", db: str | Path
     _write(out / "index.json", json.dumps({"papers": summaries, "leaderboard": _records(board),
                                            "flags": _records(fl)}, indent=1, sort_keys=True, ensure_ascii=False))
     return out / "index.json"
+
+
+def _paper_protocols(spec: ViewsFile, paper: str) -> set[str]:
+    """Protocols a paper's report reads (its leaderboard is restricted to them)."""
+    out = set()
+    for v in spec.view:
+        if v.paper == paper:
+            out |= {v.measure(c).protocol for c in list(v.columns) + list(v.measures)} | {v.protocol}
+    out |= {h.protocol for h in spec.heatmap if h.paper == paper}
+    out |= {i.protocol for i in spec.iterations if i.paper == paper}
+    return {p for p in out if p}
 
 
 def _flags_md(fl: pd.DataFrame) -> str:

@@ -10,11 +10,11 @@ diversification silently starts at lr 0.001; separate runs cannot inherit that):
   path, clean CE, one step.
 - ``phase = 'diversify'`` (lines 8-26, reference ``train``), started from the pre-trained RGN
   (``train.init_from``): per batch
-    l ~ U{1..L} (L = feature layers whose gates are all augmented: 20 for ResNet-20, k for topk);
+    l ~ U{1..L} (L = the feature layers: 20 for ResNet-20, 14 for VGG-16; min(k, L) for topk);
     p_cur = min(p, n**g_l) paths that pairwise differ within the first g_l gates (those feeding layer l);
     x'_k = distillation of x_s towards x_t's layer-l features on path k (eps_d, 10 steps of eps_d/10,
            uniform random start, plain sign steps, BatchNorm in eval mode, features after the ReLU:
-           the reference's choices, each a named option);
+           the reference's choices, each a named option; one path at a time unless batched_distillation);
     loss_i = s * Σ_{j≠i} CE(f_i(x'_j), y_s)  [+ s * CE(f_i(PGD_i(x_s)), y_s) with adv_train, Eq. 5],
            s = 1/p_cur (reference) or 1 (Alg. 1 line 21);
     gradients accumulate over every (i, j) term (one backward per forward, so activation memory stays
@@ -66,8 +66,9 @@ class EIOOptions(AdvOptions):
     adv_train: bool = opt(False, help="EIO+AdvT (preprint App. A.2, Eq. 5): + CE on PGD examples of each path "
                                       "(PGD options adv_*: 8/255, 2/255, 10 steps, random start, train-mode BN "
                                       "as the reference --adv_train)")
-    batched_distillation: bool = opt(True, help="distil the p paths in one attack call (faster; activations "
-                                                "of p paths at once) or one path at a time (memory of one path)")
+    batched_distillation: bool = opt(False, help="false: distil one path at a time (activation memory of one "
+                                                 "model, the paper's App. A.3 claim); true: the p paths in one "
+                                                 "attack call (p x the activations; faster on GPUs)")
     from_scratch: bool = opt(False, help="allow 'diversify' without train.init_from (skips pre-training)")
 
 
@@ -134,7 +135,7 @@ class EnsembleInOne(Method):
 
     def distill_paths(self, ctx: "TrainContext", rgn: RandomGatedNetwork, paths: list[tuple[int, ...]],
                       x_s: torch.Tensor, x_t: torch.Tensor, layer: int) -> list[torch.Tensor]:
-        """x'_k for each path (one batched attack call over the paths, like DVERGE's members)."""
+        """x'_k for each path (one attack per path, or one batched call over the paths)."""
         from robbench.train.distill import distill
 
         o: EIOOptions = self.options
