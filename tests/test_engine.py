@@ -368,3 +368,100 @@ def test_two_process_sharding_matches_one_process(runs: Path, tmp_path: Path):
         (rid,) = s.runs()["run_id"]
         assert s.run(rid)["status"] == "done" and s.run(rid)["meta"]["world_size"] == 2
     pd.testing.assert_frame_equal(_rows(tmp_path / "dist.db", rid), _rows(tmp_path / "one.db", one))
+
+
+# ------------------------------------------------------------------------------------ CLI, AutoAttack
+
+def test_cli_evaluate_and_one_line_errors(runs: Path, tmp_path: Path):
+    from click.testing import CliRunner
+
+    from robbench.cli import main
+
+    proto = _proto(tmp_path, "wb", WB)
+    args = ["evaluate", "--protocol", proto, "--runs-dir", str(runs), "--db", str(tmp_path / "c.db")]
+    ok = CliRunner().invoke(main, args + ["t_one", "--n", "10", "--eps", "0.1,0.2"])
+    assert ok.exit_code == 0, ok.output
+    assert "t_one - wb (all_or_nothing, n=10" in ok.output and "clean" in ok.output
+    with Store(tmp_path / "c.db") as s:
+        run = s.runs().iloc[0]
+        assert run["overrides"] == ["samples.n=10", "eps=[0.1, 0.2]"] and run["status"] == "done"
+    bad = CliRunner().invoke(main, args + ["nope"])
+    assert bad.exit_code == 2 and "robbench train zoo/nope" in bad.output and "Traceback" not in bad.output
+    too_many = CliRunner().invoke(main, args + ["t_one", "--n", "5000"])
+    assert too_many.exit_code == 2 and "samples.n" in too_many.output and "450" in too_many.output
+
+
+def test_autoattack_through_the_engine_matches_a_direct_call(runs: Path, tmp_path: Path):
+    from robbench.checkpoint import load_trained
+    from robbench.data import load_split
+    from robbench.registry import ATTACKS
+
+    text = """
+kind = "autoattack"
+datasets = ["digits"]
+eps = [0.15]
+batch_size = 20
+[samples]
+selection = "first"
+n = 20
+[[attacks]]
+id = "aa"
+attack = "autoattack"
+[attacks.params]
+version = "custom"
+attacks = ["apgd-ce"]
+n_iter = 3
+"""
+    p = engine.load_protocol(_proto(tmp_path, "aa", text))
+    rid = _ev(p.source_file, ["t_one"], runs, tmp_path)["t_one"]
+    df = _rows(tmp_path / "r.db", rid)
+    got = df[df["attack"] == "aa"].sort_values("sample")["correct"].to_numpy()
+    model, _ = load_trained("t_one", runs, "cpu")
+    x, y = load_split("digits", "test").get(list(range(20)))
+    res = ATTACKS.get("autoattack")(p.attacks[0].params_parsed)(model, x, y, 0.15)
+    assert (got == (~res.fooled).numpy().astype(int)).all() and got.sum() < 20
+    with Store(tmp_path / "r.db") as s:
+        assert s.get_meta(rid, "work")["attack_seconds"] > 0
+        assert s.get_meta(rid, "attack_warnings") == (sorted(set(res.warnings)) or None)
+
+
+def test_whitebox_equals_the_reference_loop_over_several_batches(runs: Path, tmp_path: Path):
+    """DVERGE eval_wbox.py: for each eps and restart r, torch.manual_seed(r), then advertorch
+    LinfPGDAttack over every batch; robust = correct under all restarts. The engine (early stop, resume-
+    safe batching) gives the same per-sample outcome: restart r's stream continues over the batches."""
+    import advertorch_shim  # noqa: F401  (tests/advertorch_shim.py, before advertorch)
+    from advertorch.attacks import LinfPGDAttack
+
+    from robbench.checkpoint import load_trained
+    from robbench.data import load_split
+
+    text = WB.replace("n = 40", "n = 30").replace("eps = [0.2]", "eps = [0.1, 0.2]")
+    p = engine.load_protocol(_proto(tmp_path, "ref", text))
+    rid = _ev(p.source_file, ["t_x2"], runs, tmp_path)["t_x2"]
+    got = _rows(tmp_path / "r.db", rid)
+    model, _ = load_trained("t_x2", runs, "cpu")
+    data = load_split("digits", "test")
+    ids = engine.select_samples(p, data, "digits")
+    for eps in (0.1, 0.2):
+        atk = LinfPGDAttack(model, loss_fn=torch.nn.CrossEntropyLoss(reduction="sum"), eps=eps, nb_iter=3,
+                            eps_iter=eps / 5, rand_init=True, clip_min=0.0, clip_max=1.0)
+        robust = torch.ones(len(ids), dtype=torch.bool)
+        for r in range(2):
+            torch.manual_seed(r)
+            for b in range(0, len(ids), 10):
+                x, y = data.get(ids[b:b + 10])
+                adv = atk.perturb(x, y)
+                with torch.no_grad():
+                    robust[b:b + 10] &= model(adv).argmax(1) == y
+        mine = got[(got["attack"] == "pgd") & (got["eps"] == eps)].set_index("sample").loc[ids, "correct"]
+        assert mine.tolist() == robust.int().tolist()
+        assert 0 < robust.sum() < len(ids)  # the comparison is not trivial
+
+
+def test_restart_generators_continue_the_stream():
+    spec = engine.load_protocol("dverge-whitebox").attacks[0]
+    (g0, *_), x_shape = engine.restart_generators(spec, 2 * 12, torch.device("cpu")), (3, 4)
+    torch.manual_seed(0)
+    torch.empty(2, *x_shape).uniform_(-1, 1)  # two earlier "batches" of 12 elements
+    want = torch.empty(*x_shape).uniform_(-1, 1)
+    assert torch.equal(torch.empty(*x_shape).uniform_(-1, 1, generator=g0), want)

@@ -368,3 +368,14 @@ def test_bad_views_file_is_a_config_error(tmp_path: Path) -> None:
     p.write_text('[[view]]\npaper = "y"\ntable = "1"\ntitle = "t"\n')
     with pytest.raises(ConfigError, match="view\\[0\\].paper"):
         load_views(p)
+
+
+def test_report_without_a_store_shows_published_numbers(tmp_path: Path) -> None:
+    from robbench.report import write_report
+
+    db = tmp_path / "none.db"
+    write_report(paper="dverge", out=tmp_path / "out", db=db, runs_dir=tmp_path / "runs", fmt="md")
+    assert not db.exists()  # reading must not create a store
+    text = (tmp_path / "out" / "dverge" / "README.md").read_text()
+    assert "| DVERGE/3 | not run (91.3) |" in text
+    assert "0 finished evaluation runs" in (tmp_path / "out" / "index.md").read_text()

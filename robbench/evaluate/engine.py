@@ -247,7 +247,8 @@ class AttackOut:
 
 
 def run_attack(spec: AttackSpec, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor, *,
-               randomized: bool, eot_samples: int, seed_parts: tuple[Any, ...], params: Any = None) -> AttackOut:
+               randomized: bool, eot_samples: int, seed_parts: tuple[Any, ...], params: Any = None,
+               core_kw: dict[str, Any] | None = None) -> AttackOut:
     """One attack call on a batch of (sample, eps) pairs; randomized models: EOT gradient, and each
     restart's example judged on one seeded draw (a sample is fooled if any restart fools it)."""
     params = spec.params_parsed if params is None else params
@@ -271,7 +272,7 @@ def run_attack(spec: AttackSpec, model: nn.Module, x: torch.Tensor, y: torch.Ten
         return AttackOut(fooled, outs, warns, grads, evals)
     eps_arg: float | torch.Tensor = eps if tensor_eps else float(uniq[0])
     if not randomized:
-        res = _make_attack(spec, params)(model, x, y, eps_arg)
+        res = _make_attack(spec, params)(model, x, y, eps_arg, **(core_kw or {}))
         st = getattr(res, "stats", {}) or {}
         return AttackOut(res.fooled.to(torch.bool), dict(getattr(res, "step_correct", {}) or {}),
                          list(getattr(res, "warnings", []) or []), int(st.get("grad", 0)), int(st.get("eval", 0)))
@@ -438,8 +439,10 @@ def _evaluate_one(ctx: Context, name: str) -> int:
                        "attacked again at that eps and is stored as fooled (correct=0, margin NULL) for the "
                        "skipped attacks; the all-or-nothing result is unchanged")
         if ctx.early_stop else "off: every attack runs on every sample",
-        "seeding": "each sample batch restarts the attack seeds (restart r: seed + r), so results do not "
-                   "depend on resume or sharding; DVERGE seeds once per restart for the whole set",
+        "seeding": "restart r draws from a generator seeded seed + r; for L-inf uniform-start PGD on a whole "
+                   "batch the generator continues over the batches (per eps), as eval_wbox.py's "
+                   "torch.manual_seed(r) before each restart over the test set; other calls reseed per call. "
+                   "Either way results do not depend on resume or sharding",
         "eot": ({"randomized": True, "samples": proto.eot_samples, "gradient": "log mean softmax over the draws",
                  "judged": "one seeded draw per restart"} if t.randomized else {"randomized": False}),
     }
@@ -606,8 +609,13 @@ def _target_attack(ctx: Context, t: Target, spec: AttackSpec, b: int, bid: list[
         ei = torch.tensor([p[0] for p in calls], device=x.device)
         ii = torch.tensor([p[1] for p in calls], device=x.device)
         eps_t = torch.tensor(eps_list, dtype=x.dtype, device=x.device)[ei]
+        core_kw: dict[str, Any] = {}
+        whole = len(calls) == B and all(e == calls[0][0] and i == j for j, (e, i) in enumerate(calls))
+        if whole and not t.randomized and continuous_streams(spec):
+            # a whole batch at one eps: continue each restart's stream past the earlier batches
+            core_kw["rng"] = restart_generators(spec, b * proto.batch_size * x[0].numel(), x.device)
         o = run_attack(spec, t.model, x[ii], y[ii], eps_t, randomized=t.randomized,
-                       eot_samples=proto.eot_samples, seed_parts=(proto.seed, spec.id, b, c))
+                       eot_samples=proto.eot_samples, seed_parts=(proto.seed, spec.id, b, c), core_kw=core_kw)
         ctx.stats["grad_passes"] += o.grad_passes
         ctx.stats["eval_passes"] += o.eval_passes
         if o.warnings:
@@ -627,6 +635,32 @@ def _target_attack(ctx: Context, t: Target, spec: AttackSpec, b: int, bid: list[
             state(e).logical_and_(~fooled[e])
     committer.commit(key, rows)
     ctx.stats["computed_keys"].append(key)
+
+
+def continuous_streams(spec: AttackSpec) -> bool:
+    """Whether restart r's random start can continue one generator over the sample batches, as DVERGE's
+    eval_wbox.py does (``torch.manual_seed(r)`` once per eps and restart, then every batch): true when
+    the init (L-inf uniform, one value per input element) is the generators' only use."""
+    p = spec.params_parsed
+    return (spec.attack == "pgd" and p is not None and p.init == "uniform" and p.norm == "linf"
+            and p.di_prob == 0.0 and p.seed is not None)
+
+
+def restart_generators(spec: AttackSpec, skip_elements: int, device: torch.device) -> list[torch.Generator]:
+    """Generators seeded ``seed + r`` advanced past the init noise of the previous batches (drawing
+    in chunks consumes the stream exactly as one draw: checked in the tests)."""
+    p = spec.params_parsed
+    gens = []
+    for r in range(p.restarts):
+        g = torch.Generator(device=device)
+        g.manual_seed(int(p.seed) + r)
+        left = skip_elements
+        while left > 0:
+            k = min(left, 1 << 22)
+            torch.empty(k, device=device).uniform_(-1, 1, generator=g)
+            left -= k
+        gens.append(g)
+    return gens
 
 
 def _pack_calls(active: list[torch.Tensor], size: int) -> list[list[tuple[int, int]]]:

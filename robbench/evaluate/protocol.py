@@ -90,7 +90,7 @@ class Protocol:
     overrides: list[str] = field(default_factory=list, init=False, repr=False, compare=False)
 
     def validate(self, file: str) -> None:
-        if self.kind not in ("clean", "autoattack") and not self.attacks:
+        if self.kind != "clean" and not self.attacks:
             raise ConfigError("a protocol of this kind needs at least one [[attacks]] table", file=file,
                               field="attacks")
         if self.kind != "clean" and not self.eps and not any(a.eps for a in self.attacks):
@@ -100,6 +100,9 @@ class Protocol:
             if not a.id or "@" in a.id or "|" in a.id or a.id == "clean":
                 raise ConfigError(f"{a.id!r}: ids must be non-empty, not 'clean', without '@' or '|'", file=file,
                                   field=f"attacks[{i}].id")
+            if a.and_group is not None and (not a.and_group or "|" in a.and_group):
+                raise ConfigError(f"{a.and_group!r}: a non-empty name without '|'", file=file,
+                                  field=f"attacks[{i}].and_group")
             if a.id in seen:
                 raise ConfigError(f"duplicate attack id {a.id!r}", file=file, field=f"attacks[{i}].id")
             seen.add(a.id)
