@@ -2,7 +2,6 @@
 transferability rows, record_steps, early stop, sharding over 2 processes."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pandas as pd
@@ -168,12 +167,13 @@ attack = "fgsm"
 
 
 def test_no_trained_entry_names_the_train_command(tmp_path: Path, runs: Path):
-    text = WB.replace('datasets = ["digits"]', 'datasets = ["digits"]\n[applies_to]\npapers = ["nobody"]')
-    # the [applies_to] table must come before [samples]; rebuild the text in TOML order
     text = 'kind = "whitebox"\ndatasets = ["digits"]\neps = [0.1]\n[applies_to]\npapers = ["nobody"]\n' \
            '[[attacks]]\nid = "pgd"\nattack = "pgd"\n'
     with pytest.raises(UserError, match="no trained entry"):
         _ev(_proto(tmp_path, "none", text), [], runs, tmp_path)
+    demo = _proto(tmp_path, "demo", text.replace('"nobody"', '"demo"'))
+    with pytest.raises(UserError, match=r"train one first: robbench train zoo/demo_\w+"):
+        _ev(demo, [], tmp_path / "no_runs", tmp_path)  # names the zoo entries to train
     ok = _proto(tmp_path, "any", 'kind = "whitebox"\ndatasets = ["digits"]\neps = [0.1]\nbatch_size = 50\n'
                                   '[samples]\nn = 20\n[applies_to]\nexclude_tags = ["holdout"]\n'
                                   '[[attacks]]\nid = "f"\nattack = "fgsm"\n')

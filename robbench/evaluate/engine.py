@@ -24,7 +24,6 @@ Under ``torchrun`` sample batches are dealt round-robin over ranks and rank 0 wr
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -32,7 +32,8 @@ def numeric_series(log: list[dict[str, Any]]) -> dict[str, tuple[list[float], li
 
 
 def accuracy_keys(series: dict[str, Any]) -> list[str]:
-    return sorted(k for k in series if "acc" in k.lower())
+    """Accuracy series, the whole model's first (``test_acc`` before ``member_test_acc/0``)."""
+    return sorted((k for k in series if "acc" in k.lower()), key=lambda k: (k.count("/"), "member" in k, k))
 
 
 def time_key(series: dict[str, Any]) -> str | None:
@@ -40,7 +41,8 @@ def time_key(series: dict[str, Any]) -> str | None:
 
 
 def loss_keys(series: dict[str, Any]) -> list[str]:
-    return sorted(k for k in series if "loss" in k.lower())
+    """Loss series, the total first (``losses/loss`` before ``losses/loss/0``)."""
+    return sorted((k for k in series if "loss" in k.lower()), key=lambda k: (k.count("/"), k))
 
 
 def seconds_per_epoch(log: list[dict[str, Any]]) -> float | None:

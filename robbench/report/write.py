@@ -175,7 +175,7 @@ class PaperReport:
                 panel[method_of(r)] = (xs, ys)
             if pxs and xs:
                 panel[method_of(r) + " (paper)"] = (pxs, pys)
-        panels = [(f"{n} members" if n != "all" else view.title[:40], s) for n, s in sorted(
+        panels = [(f"{n} member{'' if n == '1' else 's'}" if n != "all" else view.title[:40], s) for n, s in sorted(
             sizes.items(), key=lambda kv: (kv[0] == "all", int(kv[0]) if kv[0].isdigit() else 0)) if s]
         if not panels:
             self.md += ["_Accuracy-vs-eps curves appear once entries of this table are evaluated._", ""]

@@ -63,8 +63,9 @@ def load_init_from(entry: ZooEntry, model: torch.nn.Module, runs_dir: Path | str
     try:
         src, manifest = load_trained(name, runs_dir, device)
     except CheckpointError as e:
-        raise UserError(f"starts from {name!r}, which is not trained here ({e}); train it first with: "
-                        f"robbench train zoo/{name}", file=entry.source, field="train.init_from") from None
+        msg = str(e) if "robbench train" in str(e) else f"{e}; retrain it with: robbench train zoo/{name}"
+        raise UserError(f"starts from {name!r}, not usable yet: {msg}", file=entry.source,
+                        field="train.init_from") from None
     sd = src.state_dict()
     mine = model.state_dict()
     bad = [k for k in mine if k not in sd or sd[k].shape != mine[k].shape] + [k for k in sd if k not in mine]
