@@ -86,10 +86,9 @@ def protocols_list() -> None:
 @user_errors
 def protocols_show(name: str) -> None:
     """Show a protocol as resolved."""
-    from robbench.config import to_dict
     from robbench.evaluate.protocol import load_protocol
 
-    click.echo(json.dumps(to_dict(load_protocol(name)), indent=2))
+    click.echo(json.dumps(load_protocol(name).resolved(), indent=2))
 
 
 # -------------------------------------------------------------------------------------------- train
