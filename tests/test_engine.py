@@ -255,6 +255,24 @@ def test_transfer_sets_are_cached_and_checked(runs: Path, tmp_path: Path, monkey
         transfer.load_set(key, root=tmp_path / "cache")
 
 
+def test_transfer_set_content_does_not_depend_on_which_eps_were_generated_together(runs: Path, tmp_path: Path):
+    """The cache key names one eps; its tensors must not depend on the other eps crafted in the same pass
+    (dverge-convergence reuses dverge-blackbox's eps-0.03 sets by key): every eps block draws the random
+    start a separate run at that eps would draw."""
+    one = BB.replace("eps = [0.1, 0.2]", "eps = [0.2]")
+    _ev(_proto(tmp_path, "both", BB), ["t_one"], runs, tmp_path, db="a.db")
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    engine.evaluate_protocol(_proto(alone, "one", one), ["t_one"], runs_dir=runs, db=alone / "b.db",
+                             cache_root=alone / "cache", quiet=True)
+    keys = sorted(p.name for p in (alone / "cache").iterdir() if not p.name.startswith("."))
+    assert len(keys) == 2  # 2 attacks at eps 0.2, same keys as in the two-eps cache
+    for k in keys:
+        a = transfer.load_set(k, root=tmp_path / "cache")
+        b = transfer.load_set(k, root=alone / "cache")
+        assert torch.equal(a.x_adv, b.x_adv)
+
+
 def test_transfer_set_manifest_documents_itself(runs: Path, tmp_path: Path):
     _ev(_proto(tmp_path, "bb", BB.replace("eps = [0.1, 0.2]", "eps = [0.1]")), ["t_one"], runs, tmp_path)
     sets = [p for p in (tmp_path / "cache").iterdir() if not p.name.startswith(".")]
@@ -465,3 +483,21 @@ def test_restart_generators_continue_the_stream():
     torch.empty(2, *x_shape).uniform_(-1, 1)  # two earlier "batches" of 12 elements
     want = torch.empty(*x_shape).uniform_(-1, 1)
     assert torch.equal(torch.empty(*x_shape).uniform_(-1, 1, generator=g0), want)
+
+
+def test_random_target_attack_does_not_depend_on_the_batching(runs: Path, tmp_path: Path):
+    """Xie & Yuille's targeted PGD: targets are drawn per sample id (not the same offsets in every batch),
+    so a run in batches of 10 equals a run in one batch of 40, and the targets reach the attack."""
+    tg = WB.replace("restarts = 2", "targeted = \"random\"\nearly_stop = false").replace(
+        'kind = "whitebox"', 'kind = "whitebox"\naggregation = "per_attack"')
+    small = _ev(_proto(tmp_path, "tg10", tg), ["t_one"], runs, tmp_path)["t_one"]
+    big = _ev(_proto(tmp_path, "tg40", tg.replace("batch_size = 10", "batch_size = 40")), ["t_one"], runs,
+              tmp_path)["t_one"]
+    a, b = _rows(tmp_path / "r.db", small), _rows(tmp_path / "r.db", big)
+    pd.testing.assert_frame_equal(a, b)
+    untargeted = _ev(_proto(tmp_path, "ut", tg.replace('targeted = "random"\n', "")), ["t_one"], runs,
+                     tmp_path)["t_one"]
+    u = _rows(tmp_path / "r.db", untargeted)
+    pgd_t, pgd_u = a[a["attack"] == "pgd"], u[u["attack"] == "pgd"]
+    assert pgd_t["correct"].sum() >= pgd_u["correct"].sum()  # a random target is a weaker goal than any wrong class
+    assert not pgd_t["correct"].equals(pgd_u["correct"]) or pgd_u["correct"].all()

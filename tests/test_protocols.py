@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from robbench.config import list_protocols
@@ -12,7 +13,7 @@ from robbench.evaluate.engine import and_groups, select_samples, stored_ids
 from robbench.evaluate.protocol import load_protocol
 
 PAPER = ["dverge-blackbox", "dverge-whitebox", "dverge-whitebox-cw", "dverge-transferability",
-         "dverge-convergence", "eio-blackbox", "eio-whitebox", "eed-suite", "xie-pgd2000", "robustbench-autoattack"]
+         "dverge-convergence", "eio-blackbox", "eio-whitebox", "eio-whitebox-cifar100", "eed-suite", "xie-pgd2000", "robustbench-autoattack"]
 DEMO = ["demo-blackbox", "demo-whitebox", "demo-transferability"]
 DVERGE_EPS = [0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07]
 
@@ -89,6 +90,9 @@ def test_eio_follows_dverge():
         assert a.paper == "eio" and a.applies_to.papers == ["eio"]
         assert a.eps == b.eps and a.samples == b.samples and a.sources == b.sources
         assert [x.params_parsed for x in a.attacks] == [x.params_parsed for x in b.attacks]
+    c100, wb = load_protocol("eio-whitebox-cifar100"), load_protocol("eio-whitebox")  # ICLR A.2: same white-box
+    assert c100.datasets == ["cifar100"] and c100.eps == wb.eps and c100.samples == wb.samples
+    assert [x.params_parsed for x in c100.attacks] == [x.params_parsed for x in wb.attacks]
 
 
 def test_eed_suite():
@@ -107,13 +111,18 @@ def test_eed_suite():
 
 def test_xie_and_robustbench():
     p = load_protocol("xie-pgd2000")
-    (a,) = p.attacks
+    a, a10 = p.attacks
     q = a.params_parsed
     assert p.eps == [pytest.approx(16 / 255)] and q.step_size == pytest.approx(1 / 255) and q.steps == 2000
     assert q.targeted == "random" and q.init == "uniform" and q.restarts == 1
     assert q.record_steps == [10, 20, 50, 100, 200, 500, 1000, 2000]
     ids, final = stored_ids(a)  # one run stores the whole Figure 2 curve
-    assert [i for _, i in ids][-1] == final == "pgd@steps=2000" and len(ids) == 8
+    assert [i for _, i in ids][-1] == final == "pgd2000@steps=2000" and len(ids) == 8
+    # adv_model.py PGDAttacker: step = max(alpha, eps / N) -> PGD-10 steps 1.6 pixels, same targets/init
+    q10 = a10.params_parsed
+    assert q10.steps == 10 and q10.step_size == pytest.approx(max(1, 16 / 10) / 255)
+    assert (q10.targeted, q10.init, q10.seed) == (q.targeted, q.init, q.seed)
+    assert stored_ids(a10)[1] == "pgd10@steps=10"
     r = load_protocol("robustbench-autoattack")
     assert r.kind == "autoattack" and r.eps == [pytest.approx(8 / 255)] and r.datasets == ["cifar10"]
     assert r.attacks[0].params_parsed.version == "standard" and r.samples.selection == "first"
@@ -199,3 +208,20 @@ def test_extends_cycle_and_cli_exit_code(tmp_path: Path):
     assert res.output.count("\n") == 1 and "extends cycle" in res.output
     ok = CliRunner().invoke(main, ["protocols", "show", "dverge-whitebox"])
     assert ok.exit_code == 0 and '"rel_step": 0.2' in ok.output
+
+
+def test_random_targets_are_drawn_per_sample_id():
+    from robbench.evaluate.engine import random_targets
+
+    p = load_protocol("xie-pgd2000")
+    y = torch.arange(100) % 10
+    ids = list(range(100, 200))
+    whole = random_targets(p.attacks[0], y, ids, "digits", 0)
+    assert whole is not None and not (whole == y).any() and ((whole >= 0) & (whole < 10)).all()
+    halves = torch.cat([random_targets(p.attacks[0], y[:50], ids[:50], "digits", 0),
+                        random_targets(p.attacks[0], y[50:], ids[50:], "digits", 0)])
+    assert torch.equal(whole, halves)  # independent of the batching
+    offsets = (whole - y) % 10
+    assert not torch.equal(offsets[:50], offsets[50:])  # not the same offsets in every batch
+    assert torch.equal(random_targets(p.attacks[1], y, ids, "digits", 0), whole)  # pgd10 shares them
+    assert random_targets(load_protocol("dverge-whitebox").attacks[0], y, ids, "digits", 0) is None

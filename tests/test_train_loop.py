@@ -78,7 +78,7 @@ class _Interrupt(Exception):
 
 
 @pytest.mark.parametrize("entry,sets", [
-    ("demo_dverge_x3", ["train.params.steps=2", "train.params.layer=0"]),  # two streams, layer per epoch
+    ("demo_dverge_x3", ["train.params.steps=1", "train.params.layer=0"]),  # two streams, layer per epoch
     ("demo_gal_x3", ["train.params.clean_ce_second_forward=false"]),  # global-RNG noise
     ("demo_advt_x3", ["train.params.adv_steps=2"]),                        # random starts
 ])

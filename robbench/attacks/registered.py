@@ -133,7 +133,9 @@ def make_pgd(p: PGDOptions) -> AttackFn:
     def pgd(model: Model, x: torch.Tensor, y: torch.Tensor, eps: float | torch.Tensor, **kw: Any) -> AttackResult:
         step = p.step_size if rel is None else rel * (eps if isinstance(eps, torch.Tensor) else float(eps))
         seed = kw.get("seed", p.seed)
-        targets = _targets(model, x, y, p.targeted, 0 if seed is None else seed)
+        # targets passed in (the engine draws them per sample id) win; else drawn here per call
+        targets = kw.pop("targeted") if "targeted" in kw else _targets(model, x, y, p.targeted,
+                                                                        0 if seed is None else seed)
         args: dict[str, Any] = dict(
             norm=p.norm, steps=p.steps, step_size=step, loss=loss, restarts=p.restarts, init=p.init,
             clean_prob=p.clean_prob, momentum=p.momentum, momentum_floor=p.momentum_floor,

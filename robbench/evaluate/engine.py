@@ -287,7 +287,8 @@ def run_attack(spec: AttackSpec, model: nn.Module, x: torch.Tensor, y: torch.Ten
     for r in range(restarts):
         p_r = _with(params, restarts=1, seed=None if seed is None else int(seed) + r)
         torch.manual_seed(_derive_seed(*seed_parts, "eot", r))  # EOT draws seeded too (engineer E, EIO)
-        res = _make_attack(spec, p_r)(eot, x, y, eps_arg)
+        res = _make_attack(spec, p_r)(eot, x, y, eps_arg,
+                                      **{k: v for k, v in (core_kw or {}).items() if k == "targeted"})
         torch.manual_seed(_derive_seed(*seed_parts, "draw", r))
         with torch.no_grad():
             fooled |= model(res.x_adv).argmax(-1) != y
@@ -603,12 +604,15 @@ def _target_attack(ctx: Context, t: Target, spec: AttackSpec, b: int, bid: list[
     fooled = {e: torch.ones(B, dtype=torch.bool, device=x.device) for e in eps_list}  # skipped: fooled before
     steps_ok = {k: {e: torch.zeros(B, dtype=torch.bool, device=x.device) for e in eps_list}
                 for k in record_steps(spec)}
+    targets = random_targets(spec, y, bid, t.dataset, proto.seed, t.data_options)
     t0 = time.perf_counter()
     for c, calls in enumerate(_pack_calls([state(e) for e in eps_list], proto.batch_size)):
         ei = torch.tensor([p[0] for p in calls], device=x.device)
         ii = torch.tensor([p[1] for p in calls], device=x.device)
         eps_t = torch.tensor(eps_list, dtype=x.dtype, device=x.device)[ei]
         core_kw: dict[str, Any] = {}
+        if targets is not None:
+            core_kw["targeted"] = targets[ii]
         whole = len(calls) == B and all(e == calls[0][0] and i == j for j, (e, i) in enumerate(calls))
         if whole and not t.randomized and continuous_streams(spec):
             # a whole batch at one eps: continue each restart's stream past the earlier batches
@@ -634,6 +638,23 @@ def _target_attack(ctx: Context, t: Target, spec: AttackSpec, b: int, bid: list[
             state(e).logical_and_(~fooled[e])
     committer.commit(key, rows)
     ctx.stats["computed_keys"].append(key)
+
+
+def random_targets(spec: AttackSpec, y: torch.Tensor, sample_ids: Sequence[int], dataset: str,
+                   seed: int, data_options: dict[str, Any] | None = None) -> torch.Tensor | None:
+    """Targets of ``targeted = 'random'`` PGD: (y + U{1..C-1}) mod C (Xie & Yuille; ImageNet-Adversarial-
+    Training adv_model.py ``_create_random_target``), drawn per *sample id*, so every sample gets its own
+    draw (not the same offsets in every batch) whatever the batching, packing, sharding or resume, and
+    attacks with the same ``seed`` option (pgd2000 and pgd10 in xie-pgd2000) share their targets."""
+    from robbench.data.base import get_info, seeded_generator
+
+    p = spec.params_parsed
+    if spec.attack != "pgd" or p is None or p.targeted != "random":
+        return None
+    c = get_info(dataset, data_options).num_classes
+    shift = [int(torch.randint(1, c, (1,), generator=seeded_generator(seed, "random-target", p.seed, int(s))))
+             for s in sample_ids]
+    return (y + torch.tensor(shift, dtype=y.dtype, device=y.device)) % c
 
 
 def continuous_streams(spec: AttackSpec) -> bool:
@@ -760,7 +781,13 @@ def _source_sets(ctx: Context, t: Target, data: Any, ids: list[int]) -> None:
                 fn = _make_attack(spec)
 
                 def craft(xb: torch.Tensor, yb: torch.Tensor, eb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-                    res = fn(model, xb, yb, eb if spec.attack in PER_SAMPLE_EPS else float(eb[0]))
+                    if spec.attack in PER_SAMPLE_EPS:
+                        # ensure_sets stacks one copy of the batch per missing eps: tiles = that count, so
+                        # each eps block draws the random start of a separate run at that eps and a set's
+                        # content depends only on its key, not on the eps generated beside it
+                        res = fn(model, xb, yb, eb, tiles=int(torch.unique(eb).numel()))
+                    else:
+                        res = fn(model, xb, yb, float(eb[0]))
                     ctx.stats["grad_passes"] += int((getattr(res, "stats", {}) or {}).get("grad", 0))
                     return res.x_adv, ~res.fooled
 

@@ -18,7 +18,9 @@ The method interface (what a new method, e.g. Ensemble-in-One's ``eio``, impleme
         def step(self, ctx, batch) -> dict[str, float]:
             # batch.x, batch.y: the main stream (on ctx.device, channels_last); batch.extra: the other
             # streams' (x, y). Build the loss, then ctx.update(loss): zero grads, backward, DDP
-            # gradient all-reduce, optimizer step(s). Return floats to log (averaged per epoch).
+            # gradient all-reduce, optimizer step(s). A method that runs its own backward passes
+            # (accumulating gradients) calls ctx.zero_grad() first and ctx.step_optimizers() last.
+            # Return floats to log (averaged per epoch); values of ctx.extras["log_*"] are logged too.
         def state_dict(self) -> dict: ...      # only for state the RNGs and weights do not capture
         def load_state_dict(self, state): ...
 
