@@ -256,6 +256,53 @@ def test_diversification_step_accumulates_over_paths_and_adv_train_runs():
         assert rgn.gate_mode == "per_input"  # back to deployment gates for evaluation
 
 
+
+@pytest.mark.parametrize("scale", ["reference", "paper"])
+def test_diversification_gradient_is_the_reference_objective(scale):
+    """The accumulated gradient equals that of s * sum_i sum_{j != i} CE(f_{P_i}(x'_j), y_s) with
+    s = 1/p (rgn_manager.py ``loss / distill_batch_cur``) or 1 (Alg. 1 line 21), taken in one step."""
+    from robbench.config import load_entry
+    from robbench.data import get_info
+    from robbench.models import build_model
+    from robbench.train.loop import DistEnv, TrainContext, build_optimizers
+    from robbench.train.methods import Batch
+    from robbench.train.methods.eio import EnsembleInOne
+
+    e = load_entry("demo_eio", [*SMALL, "train.params.from_scratch=true", "train.params.layer=3",
+                                f"train.params.loss_scale={scale}"])
+    torch.manual_seed(0)
+    model = build_model(e, get_info("synthetic"))
+    model.train()
+    ctx = TrainContext(entry=e, model=model, optimizers=build_optimizers(model, list(model.members), e.train.optimizer),
+                       device=torch.device("cpu"), dist=DistEnv(), seed=0, num_classes=10)
+    method = EnsembleInOne(e.method_params)
+    method.setup(ctx)
+    rgn = find_rgn(model)
+    paths = [(0,) * rgn.num_gates, (1,) + (0,) * (rgn.num_gates - 1), (0, 1) + (1,) * (rgn.num_gates - 2)]
+    xs = [torch.rand(8, 3, 8, 8) for _ in paths]
+    y = torch.arange(8) % 10
+    rgn.sample_paths = lambda *a, **kw: list(paths)  # type: ignore[method-assign]
+    method.distill_paths = lambda *a, **kw: list(xs)  # type: ignore[method-assign]
+    steps: list[dict[str, torch.Tensor]] = []
+
+    def capture() -> None:  # one optimizer step per batch, after every path's backward
+        steps.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+
+    ctx.step_optimizers = capture  # type: ignore[method-assign]
+    method.step(ctx, Batch(torch.rand(8, 3, 8, 8), y, ((torch.rand(8, 3, 8, 8), y),)))
+    assert len(steps) == 1
+    model.zero_grad()
+    s = 1 / len(paths) if scale == "reference" else 1.0
+    total = 0.0
+    for i, p in enumerate(paths):
+        rgn.set_path(p)
+        total = total + s * sum(torch.nn.functional.cross_entropy(rgn.net(x), y) for j, x in enumerate(xs) if j != i)
+    total.backward()
+    want = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert want.keys() == steps[0].keys()
+    for n, g in want.items():
+        torch.testing.assert_close(steps[0][n], g, rtol=1e-5, atol=1e-7)
+
 def test_configuration_errors_name_the_field(tmp_path):
     from robbench.train.run import train_entry
 
