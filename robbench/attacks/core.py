@@ -20,6 +20,13 @@ it on the first batch. The reference seeds once per restart for the *whole* test
 ``rng`` list for consecutive batches to continue each restart's stream as it does. The init noise is
 always drawn for the whole batch (also for samples skipped by early stop) so the stream never shifts.
 
+``iterate='x'`` (L-inf only) is the DVERGE reference's form instead (``distillation.py`` ``Linf_PGD`` /
+``Linf_distillation``): the iterate x' itself is updated in place, x' <- x' + a*sign(g), then
+``torch.max(torch.min(x', x+eps), x-eps)`` and ``clamp(0, 1)``; momentum normalises by division,
+``grad / clamp(torch.norm(grad, 1), min=floor)``. Both forms are the same maths, but x' - a*s and
+x + (delta - a*s) round differently in the last bit, which flips the sign of near-zero momentum
+components after a few steps: each form equals its reference to the bit, not the other one.
+
 Speed. Gradients are taken with ``torch.autograd.grad`` w.r.t. the input only (no parameter .grad is
 written, weight gradients are not computed). Early stop: with ``early_stop='restart'`` (or True) a
 sample already fooled is not attacked by later restarts -- any-restart results are identical, that work
@@ -39,6 +46,7 @@ from robbench.attacks.losses import AttackLoss, Target, get_loss
 Norm = Literal["linf", "l2"]
 Init = Literal["none", "uniform", "clean_or_uniform"]
 EarlyStop = bool | Literal["none", "restart", "step"]
+Iterate = Literal["delta", "x"]
 Model = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -172,6 +180,24 @@ def momentum_update(g: torch.Tensor, grad: torch.Tensor, mu: float, floor: float
     return mu * g + grad * (1.0 / flat_norm(grad, 1).clamp_min(floor))  # advertorch multiplies by 1/norm
 
 
+def momentum_update_x(g: torch.Tensor, grad: torch.Tensor, mu: float, floor: float) -> torch.Tensor:
+    """:func:`momentum_update` as DVERGE ``distillation.py`` writes it (``iterate='x'``): the L1 norm by
+    ``torch.norm`` and a division, ``mu*g + grad / clamp(||grad||_1, min=floor)``, to the reference's bit."""
+    l1 = torch.norm(grad.reshape(grad.shape[0], -1), 1, dim=1)
+    return mu * g + grad / torch.clamp(l1, min=floor).reshape(-1, *([1] * (grad.ndim - 1)))
+
+
+def step_and_project_x(xa: torch.Tensor, direction: torch.Tensor, x: torch.Tensor, eps: torch.Tensor,
+                       step: torch.Tensor, clip: tuple[float, float] | None) -> torch.Tensor:
+    """One L-inf ascent step on the iterate itself, in DVERGE ``Linf_PGD``/``Linf_distillation``'s order
+    (``iterate='x'``): x' + a*sign(d), ``max(min(x', x+eps), x-eps)``, clamp to the box."""
+    xa = xa + step * direction.sign()
+    xa = torch.max(torch.min(xa, x + eps), x - eps)
+    if clip is not None:
+        xa = torch.clamp(xa, *clip)
+    return xa
+
+
 def step_and_project(delta: torch.Tensor, direction: torch.Tensor, x: torch.Tensor, eps: torch.Tensor,
                      step: torch.Tensor, norm: Norm, clip: tuple[float, float] | None) -> torch.Tensor:
     """One ascent step on ``direction`` and the projection, in advertorch's order.
@@ -227,8 +253,13 @@ def _run_restart(model: Model, x0: torch.Tensor, y_att: torch.Tensor, y_true: to
                  norm: Norm, steps: int, loss: AttackLoss, momentum: float | None, momentum_floor: float,
                  input_transform: Callable[..., torch.Tensor] | None, generator: torch.Generator | None,
                  sign: float, mode: str, keep: str, record: Sequence[int], evaluate: bool,
-                 clip: tuple[float, float] | None, stats: dict[str, int]) -> _RestartOut:
+                 clip: tuple[float, float] | None, stats: dict[str, int], iterate: Iterate = "delta") -> _RestartOut:
     n = x0.shape[0]
+    on_x = iterate == "x"
+    if on_x:  # iterate x' itself (DVERGE reference): x' starts at the clipped init, as Linf_PGD's clamp
+        delta = x0 + delta
+        if clip is not None:
+            delta = torch.clamp(delta, *clip)
     dev = x0.device
     classifies = evaluate and loss.classifies
     best_so_far = keep == "best" or mode == "step"
@@ -240,7 +271,7 @@ def _run_restart(model: Model, x0: torch.Tensor, y_att: torch.Tensor, y_true: to
     obj_res = torch.full((n,), float("nan"), dtype=x0.dtype, device=dev)
     step_corr = {s: torch.ones(n, dtype=torch.bool, device=dev) for s in record_set}
     if keep == "best":
-        best_x = (x0 + delta).clone()
+        best_x = (delta if on_x else x0 + delta).clone()
         best_obj = torch.full((n,), float("-inf"), dtype=x0.dtype, device=dev)
         best_correct = torch.ones(n, dtype=torch.bool, device=dev)
 
@@ -255,7 +286,7 @@ def _run_restart(model: Model, x0: torch.Tensor, y_att: torch.Tensor, y_true: to
 
     for t in range(steps + 1):
         last = t == steps
-        xa = x0[alive] + delta
+        xa = delta if on_x else x0[alive] + delta  # ``delta`` holds x' itself when on_x
         out_d = obj_d = None
         grad = None
         if not last:
@@ -313,9 +344,13 @@ def _run_restart(model: Model, x0: torch.Tensor, y_att: torch.Tensor, y_true: to
         assert grad is not None
         direction = grad
         if g is not None:
-            g = momentum_update(g, grad, float(momentum), momentum_floor)  # type: ignore[arg-type]
+            update = momentum_update_x if on_x else momentum_update
+            g = update(g, grad, float(momentum), momentum_floor)  # type: ignore[arg-type]
             direction = g
-        delta = step_and_project(delta, direction, x0[alive], eps[alive], step[alive], norm, clip).detach()
+        if on_x:
+            delta = step_and_project_x(delta, direction, x0[alive], eps[alive], step[alive], clip).detach()
+        else:
+            delta = step_and_project(delta, direction, x0[alive], eps[alive], step[alive], norm, clip).detach()
     if clip is not None:
         x_res = x_res.clamp(*clip)  # advertorch returns clamp(x + delta)
     return _RestartOut(x_res, fooled_res, obj_res, step_corr)
@@ -356,6 +391,7 @@ def iterative_attack(
     labels_from: Literal["true", "prediction"] = "true",
     evaluate: bool = True,
     keep_restarts: bool = False,
+    iterate: Iterate = "delta",
 ) -> AttackResult:
     """Run the iterative attack; see the module docstring for the exact semantics.
 
@@ -370,6 +406,8 @@ def iterative_attack(
     ``evaluate=False``: no forward pass beyond the ``steps`` gradient passes (training in train mode:
     an extra forward would update BatchNorm statistics); ``fooled`` is then all False.
     ``seed``/``rng``: restart r uses ``rng[r]`` if given, else a generator seeded ``seed + r``.
+    ``iterate``: 'delta' iterates the perturbation (advertorch ``perturb_iterative``, to its bit);
+    'x' updates x' in place (DVERGE ``distillation.py``, to its bit; L-inf only). See the module docstring.
     """
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
@@ -379,6 +417,10 @@ def iterative_attack(
         raise ValueError(f"norm must be 'linf' or 'l2', got {norm!r}")
     if keep not in ("last", "best"):
         raise ValueError(f"keep must be 'last' or 'best', got {keep!r}")
+    if iterate not in ("delta", "x"):
+        raise ValueError(f"iterate must be 'delta' or 'x', got {iterate!r}")
+    if iterate == "x" and norm != "linf":
+        raise ValueError("iterate='x' (the DVERGE reference's update) exists for norm='linf' only")
     mode = _early_stop_mode(early_stop)
     loss_fn = get_loss(loss)
     record = sorted({int(s) for s in record_steps})
@@ -433,7 +475,7 @@ def iterative_attack(
             model, x[act], y_att[act], y[act], sub_target, eps_t[act], step_t[act], delta0[act],
             norm=norm, steps=steps, loss=loss_fn, momentum=momentum, momentum_floor=momentum_floor,
             input_transform=input_transform, generator=gens[r], sign=sign, mode=mode, keep=keep,
-            record=record, evaluate=evaluate, clip=clip, stats=stats)
+            record=record, evaluate=evaluate, clip=clip, stats=stats, iterate=iterate)
         ran[r, act] = True
         fooled_pr[r, act] = out.fooled
         if per_restart is not None:

@@ -85,6 +85,14 @@ def feature_mse(f: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (f - target).pow(2).flatten(1).mean(dim=1)
 
 
+def feature_mse_batch(f: torch.Tensor, target: torch.Tensor, batch: int) -> torch.Tensor:
+    """``nn.MSELoss()`` over a batch of ``batch`` samples, split per sample: sum of squares / (batch *
+    features per sample). Its sum is DVERGE's loss and its input gradient the reference's to the bit
+    (``mse_loss`` backward is fl(2/N)*(f-t); here 2*(f-t)*fl(1/N), the same float), for any batch size;
+    :func:`feature_mse`'s gradient differs from it by the factor batch, exact only for powers of 2."""
+    return (f - target).pow(2).flatten(1).sum(dim=1) * (1.0 / (batch * f[0].numel()))
+
+
 @dataclass(frozen=True)
 class AttackLoss:
     """A named loss with its parameters. ``__call__(out, y, target)`` -> objective [B] to ascend.
@@ -98,6 +106,7 @@ class AttackLoss:
     name: str
     kappa: float = 0.0
     mask_bug: bool = False
+    mse_batch: int = 0  # feature_mse: 0 = per-sample mean; B = the reference's batch mean (feature_mse_batch)
 
     @property
     def classifies(self) -> bool:
@@ -108,6 +117,8 @@ class AttackLoss:
             if target is None:
                 raise ValueError("feature_mse needs target features")
             t = target() if callable(target) else target
+            if self.mse_batch:
+                return feature_mse_batch(out, t.detach(), self.mse_batch)
             return feature_mse(out, t.detach())
         assert y is not None
         if target is None:

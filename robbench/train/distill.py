@@ -16,10 +16,17 @@ Speed (vs the reference's member-by-member loop that recomputes the target featu
 - input gradients only (the core uses ``autograd.grad`` w.r.t. x; the reference's ``loss.backward()``
   also computes every weight gradient).
 The caller sets the BatchNorm mode (the core never changes it); DVERGE distils in train mode.
+
+Exactness (``iterate``): 'x' is the reference's arithmetic to the bit -- the core's in-place x' update,
+``max(min(x', x_s+eps), x_s-eps)``, clamp, momentum by division with ``torch.norm`` (see
+``robbench.attacks.core``), and the loss as ``nn.MSELoss()`` over the member's batch
+(``losses.feature_mse_batch``, so the input gradient is the reference's float for any batch size).
+'delta' is the advertorch form (x_s + delta iterated, per-sample mean MSE): the same maths, but the last
+bit differs and a near-zero momentum component can flip sign after a few steps.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Literal, Sequence
 
 import torch
 from torch import nn
@@ -47,19 +54,24 @@ def _stacked_features(members: Sequence[nn.Module], layer: int, before_relu: boo
 def distill(members: Sequence[nn.Module], x_s: torch.Tensor, x_t: torch.Tensor, layer: int, *,
             eps: float = 0.07, step_size: float = 0.007, steps: int = 10, momentum: float | None = 1.0,
             rand_start: bool = False, before_relu: bool = True, recompute_target: bool = False,
-            batched: bool = True) -> list[torch.Tensor]:
+            batched: bool = True, iterate: Literal["delta", "x"] = "delta") -> list[torch.Tensor]:
     """Distilled inputs x'_j (detached), one per member, for source ``x_s`` towards target ``x_t``.
 
     Defaults: DVERGE arguments.py ``--distill-eps 0.07 --distill-alpha 0.007 --distill-steps 10``,
     momentum on with mu = 1 (``Linf_distillation(mu=1, momentum=True)``), no random start.
     ``momentum=None`` (or 0) = plain sign steps (``--distill-no-momentum``).
     ``batched=False`` runs one attack per member (same result up to float reduction order).
+    ``iterate='x'``: DVERGE ``Linf_distillation``'s update to the bit; 'delta' (default, kept for callers
+    whose trained checkpoints rely on it, e.g. EIO): advertorch's form (see the module docstring).
     """
     from robbench.attacks.core import iterative_attack
+    from robbench.attacks.losses import AttackLoss
     from robbench.models import get_features
 
     mu = momentum if momentum else None
     init = "uniform" if rand_start else "none"
+    # 'x': nn.MSELoss() over each member's own batch of B (the reference calls it once per member)
+    loss = AttackLoss("feature_mse", mse_batch=x_s.shape[0]) if iterate == "x" else AttackLoss("feature_mse")
     groups = [list(members)] if batched else [[m] for m in members]
     out: list[torch.Tensor] = []
     for group in groups:
@@ -76,8 +88,8 @@ def distill(members: Sequence[nn.Module], x_s: torch.Tensor, x_t: torch.Tensor, 
         target: torch.Tensor | Callable[[], torch.Tensor] = target_fn if recompute_target else target_fn()
         dummy_y = torch.zeros(xs.shape[0], dtype=torch.long, device=xs.device)
         res = iterative_attack(fn, xs, dummy_y, eps, norm="linf", steps=steps, step_size=step_size,
-                               loss="feature_mse", init=init, momentum=mu, momentum_floor=1e-12,
-                               feature_target=target, descend=True, evaluate=False, seed=None)
+                               loss=loss, init=init, momentum=mu, momentum_floor=1e-12,
+                               feature_target=target, descend=True, evaluate=False, seed=None, iterate=iterate)
         out.extend(res.x_adv.detach().chunk(k))
     return out
 

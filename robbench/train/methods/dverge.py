@@ -11,7 +11,8 @@ with one forward per j (BatchNorm batch statistics per set, as the reference) an
 BatchNorm mode during distillation: the reference distils in train mode (``bn_mode = "train"``);
 ``"eval"`` uses running statistics. Target features are computed once per batch
 (``recompute_target_each_step = true`` recomputes them every step as the reference, which only
-changes the BN running statistics).
+changes the BN running statistics). ``iterate = "x"`` (default) is the reference's x' update to the
+bit (``Linf_distillation``); ``"delta"`` the advertorch form robbench used before (last-bit differences).
 
 Layer sequence: ``random.Random(seed)`` drawn once per epoch, i.e. the reference's
 ``random.seed(seed)`` + one ``random.randint(1, 20)`` per epoch (its main process draws nothing else
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +50,8 @@ class DVERGEOptions:
     recompute_target_each_step: bool = opt(False, help="recompute target features every step (reference; "
                                            "only moves BN running stats) instead of once per batch")
     batched_distillation: bool = opt(True, help="distil all members in one attack call (same result as a loop)")
+    iterate: Literal["x", "delta"] = opt("x", help="'x' = distillation.py Linf_distillation's in-place x' update "
+                                         "(reference, to the bit); 'delta' = advertorch's x_s + delta form")
 
 
 def layer_for_epoch(seed: int, epoch: int, num_layers: int) -> int:
@@ -103,7 +106,8 @@ class DVERGEBase(Method):
         with module_mode(ctx.model, o.bn_mode):
             return distill(ctx.members, x_s, x_t, self.layer, eps=o.eps, step_size=o.step_size, steps=o.steps,
                            momentum=o.momentum, rand_start=o.rand_start, before_relu=o.before_relu,
-                           recompute_target=o.recompute_target_each_step, batched=o.batched_distillation)
+                           recompute_target=o.recompute_target_each_step, batched=o.batched_distillation,
+                           iterate=o.iterate)
 
     @staticmethod
     def cross_logits(ctx: "TrainContext", xs: list[torch.Tensor]) -> list[list[torch.Tensor | None]]:
