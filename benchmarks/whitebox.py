@@ -18,33 +18,17 @@ Usage: ``python benchmarks/whitebox.py [--n 100] [--steps 50] [--train-steps 40]
 from __future__ import annotations
 
 import argparse
-import collections.abc
-import importlib
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# tests/ holds the advertorch shim (kept out of the robbench package: only peers' code needs it)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import torch  # noqa: E402
-
-
-def advertorch_shim() -> None:
-    """advertorch 0.2.3 imports torch's removed ``zero_gradients``; provide it before importing it."""
-    gc = importlib.import_module("torch.autograd.gradcheck")
-
-    def zero_gradients(x):  # type: ignore[no-untyped-def]
-        if isinstance(x, torch.Tensor):
-            if x.grad is not None:
-                x.grad.detach_()
-                x.grad.zero_()
-        elif isinstance(x, collections.abc.Iterable):
-            for e in x:
-                zero_gradients(e)
-
-    if not hasattr(gc, "zero_gradients"):
-        gc.zero_gradients = zero_gradients
 
 
 def register_digits32() -> None:
@@ -196,7 +180,7 @@ def main() -> None:
     x, y = data.get(ids)
 
     # 2. reference style (advertorch)
-    advertorch_shim()
+    import advertorch_shim  # noqa: F401  (tests/advertorch_shim.py, before advertorch)
     from advertorch.attacks import LinfPGDAttack
 
     def adv_factory(eps):  # type: ignore[no-untyped-def]

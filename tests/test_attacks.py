@@ -12,6 +12,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
 import advertorch_shim  # noqa: E402,F401  (must precede advertorch)
+import dverge_reference  # noqa: E402  (DVERGE distillation.py loops, as written)
 
 from robbench.attacks import (AttackLoss, DiverseInput, deepfool, draw_init, get_loss,  # noqa: E402
                               iterative_attack, make_attack, momentum_update)
@@ -418,6 +419,27 @@ def test_feature_distillation_descends_mse(net, batch):
     assert after < 0.9 * before
     assert len(target_calls) == 10 and res.stats == {"grad": 160, "eval": 0}
     assert (res.x_adv - xs).abs().max() <= 0.07 + 1e-6
+
+
+@pytest.mark.parametrize("momentum", [None, 1.0])
+def test_iterate_x_equals_dverge_linf_pgd_to_the_bit(net, batch, momentum):
+    """iterate='x' is the DVERGE reference's in-place update; 'delta' (advertorch's form) is not, to the bit.
+    Batch 64: CE mean and the core's per-sample CE sum differ by a power of 2, so the gradients match."""
+    x, y = batch
+    want = dverge_reference.linf_pgd(net, x, y, 0.1, 0.01, 10, momentum is not None)
+    for p in net.parameters():
+        p.grad = None
+    got = iterative_attack(net, x, y, 0.1, steps=10, step_size=0.01, init="none", momentum=momentum,
+                           iterate="x", evaluate=False).x_adv
+    assert torch.equal(got, want)
+    assert (got - x).abs().max() <= 0.1 + 1e-6 and (got != x).float().mean() > 0.3
+    delta_form = iterative_attack(net, x, y, 0.1, steps=10, step_size=0.01, init="none", momentum=momentum,
+                                  evaluate=False).x_adv
+    assert (delta_form - want).abs().max() < 0.05  # same attack up to rounding (and rare sign flips)
+    with pytest.raises(ValueError, match="linf"):
+        iterative_attack(net, x, y, 0.5, norm="l2", steps=1, step_size=0.1, iterate="x")
+    with pytest.raises(ValueError, match="iterate"):
+        iterative_attack(net, x, y, 0.1, steps=1, step_size=0.01, iterate="adv")
 
 
 def test_clean_or_uniform_init_is_one_draw_per_batch():

@@ -188,32 +188,6 @@ def test_distillation_target_recompute_same_result_in_eval_mode(tiny_members):
         assert torch.equal(a, b)
 
 
-def _ref_linf_distillation(model, dat, target, eps, alpha, steps, layer, mu=1.0):
-    """DVERGE distillation.py Linf_distillation + gradient_wrt_feature (momentum on, no random start,
-    before_relu=True), transcribed as written: x_adv updated in place, nn.MSELoss(), loss.backward()."""
-    from robbench.models import get_features
-
-    x_nat = dat.clone().detach()
-    x_adv = torch.clamp(dat.clone().detach(), 0.0, 1.0)
-    g = torch.zeros_like(x_adv)
-    for _ in range(steps):
-        x_adv.requires_grad = True
-        out = get_features(model, x_adv, layer, True)
-        tgt = get_features(model, target, layer, True).data.clone().detach()
-        loss = torch.nn.MSELoss()(out, tgt)
-        model.zero_grad()
-        loss.backward()
-        grad = x_adv.grad.data.clone().detach()
-        with torch.no_grad():
-            l1 = torch.norm(grad.view(grad.shape[0], -1), 1, dim=1)
-            grad = grad / torch.clamp(l1, min=1e-12).view(grad.shape[0], 1, 1, 1)
-            g = mu * g + grad
-            x_adv = x_adv - alpha * g.sign()
-            x_adv = torch.max(torch.min(x_adv, x_nat + eps), x_nat - eps)
-            x_adv = torch.clamp(x_adv, 0.0, 1.0)
-    return x_adv.clone().detach()
-
-
 @pytest.mark.parametrize("layer", [1, 9, 20])
 @pytest.mark.parametrize("batched", [True, False])
 def test_distillation_iterate_x_equals_reference_loop(layer, batched):
@@ -225,6 +199,8 @@ def test_distillation_iterate_x_equals_reference_loop(layer, batched):
     from robbench.config import load_entry
     from robbench.data import get_info
     from robbench.models import build_model
+    from dverge_reference import linf_distillation  # tests/dverge_reference.py
+
     from robbench.train.distill import distill
 
     torch.manual_seed(3)
@@ -234,9 +210,24 @@ def test_distillation_iterate_x_equals_reference_loop(layer, batched):
     x_s, x_t = torch.rand(12, 1, 8, 8), torch.rand(12, 1, 8, 8)
     got = distill(list(ours.members), x_s, x_t, layer, eps=0.07, step_size=0.007, steps=10,
                   recompute_target=True, batched=batched, iterate="x")
-    want = [_ref_linf_distillation(m, x_s, x_t, 0.07, 0.007, 10, layer) for m in ref.members]
+    want = [linf_distillation(m, x_s, x_t, 0.07, 0.007, 10, layer) for m in ref.members]
     for a, b in zip(got, want):
-        assert (a - b).abs().max().item() <= 1e-7
+        assert torch.equal(a, b)
         assert (a != x_s).float().mean() > 0.5  # the attack moved most pixels
     for (k, a), (_, b) in zip(ours.state_dict().items(), ref.state_dict().items()):
         assert torch.allclose(a.float(), b.float(), rtol=0, atol=1e-6), k  # same BN running-stat updates
+
+
+def test_feature_mse_batch_gradient_is_mseloss_to_the_bit():
+    """The loss iterate='x' distils with has nn.MSELoss()'s input gradient bit for bit at a batch that is
+    not a power of 2 (the per-sample mean's differs by the non-power-of-2 factor B, so it rounds apart)."""
+    from robbench.attacks.losses import feature_mse, feature_mse_batch
+
+    torch.manual_seed(4)
+    f, t = torch.randn(12, 5, 3, requires_grad=True), torch.randn(12, 5, 3)
+    ref = torch.autograd.grad(torch.nn.MSELoss()(f, t), f)[0]
+    ours = torch.autograd.grad(-(feature_mse_batch(f, t, 12).sum() * -1.0), f)[0]  # the core's descend sign
+    assert torch.equal(ours, ref)
+    assert torch.allclose(feature_mse_batch(f, t, 12).sum(), torch.nn.MSELoss()(f, t), rtol=1e-6)
+    per_sample = torch.autograd.grad(feature_mse(f, t).sum(), f)[0] / 12
+    assert torch.allclose(per_sample, ref, rtol=1e-6)

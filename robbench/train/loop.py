@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import resource
 import sys
 import time
@@ -34,43 +33,12 @@ from torch import nn
 from robbench.checkpoint import RunDir, rng_state, set_rng_state
 from robbench.config import OptimizerSpec, ScheduleSpec, ZooEntry
 from robbench.device import memory_format
+# the torchrun handle is shared with evaluation; re-exported here, where training code imports it from
+from robbench.distributed import DistEnv, dist_env_from_environment  # noqa: F401
 from robbench.errors import CheckpointError, ConfigError
 from robbench.train.methods import Batch, Method
 
 STATE_FORMAT = "robbench-train-state/1"
-
-
-# ----------------------------------------------------------------------------------------------
-# Distributed environment
-# ----------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class DistEnv:
-    """This process's place in a torchrun job (world_size 1 = plain single process)."""
-
-    world_size: int = 1
-    rank: int = 0
-    local_rank: int = 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.enabled:
-            dist.barrier()
-
-
-def dist_env_from_environment() -> DistEnv:
-    """torchrun sets WORLD_SIZE, RANK and LOCAL_RANK."""
-    ws = int(os.environ.get("WORLD_SIZE", "1"))
-    if ws <= 1:
-        return DistEnv()
-    return DistEnv(ws, int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")))
 
 
 # ----------------------------------------------------------------------------------------------

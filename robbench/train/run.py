@@ -24,6 +24,7 @@ import torch.distributed as dist
 from robbench.checkpoint import RunDir, load_trained
 from robbench.config import ZooEntry, load_entry
 from robbench.device import pick_device
+from robbench.distributed import join_process_group
 from robbench.errors import CheckpointError, ConfigError, UserError
 from robbench.registry import METHODS
 from robbench.train.loop import DistEnv, dist_env_from_environment, train_loop
@@ -51,7 +52,7 @@ def init_distributed(device_name: str | None) -> tuple[DistEnv, torch.device]:
     if env.enabled and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        join_process_group("nccl" if device.type == "cuda" else "gloo")
     return env, device
 
 
