@@ -23,6 +23,7 @@ import os
 import pickle
 import random
 import re
+import time
 import subprocess
 import tempfile
 import warnings
@@ -396,6 +397,17 @@ class RunDir:
         """True when the run on disk was made from exactly this resolved entry (config + overrides)."""
         return self.exists() and self.read_manifest()["entry_sha256"] == entry.sha256()
 
+    def move_aside(self) -> Path:
+        """Rename this run to ``<entry>.stale-<UTC time>`` (kept, never deleted); returns the new path."""
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        dest = self.path.with_name(f"{self.path.name}.stale-{stamp}")
+        n = 1
+        while dest.exists():
+            n += 1
+            dest = self.path.with_name(f"{self.path.name}.stale-{stamp}-{n}")
+        os.replace(self.path, dest)
+        return dest
+
     def begin(self, entry: "ZooEntry", extra: Mapping[str, Any] | None = None, fresh: bool = False) -> dict[str, Any]:
         """Start (or continue) training ``entry`` here; returns the manifest.
 
@@ -406,7 +418,7 @@ class RunDir:
             if m["entry_sha256"] != entry.sha256():
                 raise CheckpointError(
                     f"holds a run of a different configuration (overrides {m.get('overrides', [])}, now "
-                    f"{list(entry.overrides)}); move {self.path} away or start fresh", file=str(self.manifest_path),
+                    f"{list(entry.overrides)}); rerun with --fresh to move it aside and train anew", file=str(self.manifest_path),
                     field="entry_sha256")
             if extra:
                 m.setdefault("extra", {}).update(extra)

@@ -99,14 +99,16 @@ def protocols_show(name: str) -> None:
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when present)")
 @click.option("--runs-dir", type=click.Path(), default=None, help="where runs/<entry>/ go (default ./runs)")
 @click.option("--data-root", type=click.Path(), default=None, help="dataset directory (default ./data)")
+@click.option("--fresh", is_flag=True,
+              help="a run of another config (or built on since-retrained init weights) is moved aside, kept, and trained anew")
 @user_errors
 def train(entry: str, overrides: tuple[str, ...], epochs: int | None, device: str | None,
-          runs_dir: str | None, data_root: str | None) -> None:
+          runs_dir: str | None, data_root: str | None, fresh: bool) -> None:
     """Train one zoo entry into runs/<entry>/ (resumes an interrupted run)."""
     from robbench.train.run import train_entry
 
     ov = list(overrides) + ([f"train.epochs={epochs}"] if epochs is not None else [])
-    train_entry(entry, overrides=ov, device=device, runs_dir=runs_dir, data_root=data_root)
+    train_entry(entry, overrides=ov, device=device, runs_dir=runs_dir, data_root=data_root, fresh=fresh)
 
 
 # ----------------------------------------------------------------------------------------- evaluate
@@ -157,12 +159,14 @@ def report(paper: str, out: str, db: str | None, runs_dir: str | None, fmt: str)
 @click.option("--seed", type=int, default=0, help="seed for random paths")
 @click.option("--device", default=None)
 @click.option("--runs-dir", type=click.Path(), default=None)
+@click.option("--fresh", is_flag=True, help="fine-tuned runs built on older derived weights are moved aside and redone")
 @user_errors
-def derive(entry: str, path: str, count: int, seed: int, device: str | None, runs_dir: str | None) -> None:
+def derive(entry: str, path: str, count: int, seed: int, device: str | None, runs_dir: str | None,
+           fresh: bool) -> None:
     """Derive plain single-path models from a trained random gated network (Ensemble-in-One)."""
     from robbench.eio.derive import derive_paths
 
-    derive_paths(entry, path=path, count=count, seed=seed, device=device, runs_dir=runs_dir)
+    derive_paths(entry, path=path, count=count, seed=seed, device=device, runs_dir=runs_dir, fresh=fresh)
 
 
 # --------------------------------------------------------------------------------------------- demo

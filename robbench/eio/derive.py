@@ -126,7 +126,8 @@ def _check_same_architecture(ft: ZooEntry, src: ZooEntry) -> None:
 
 
 def derive_paths(entry: str, path: str = "random", count: int = 1, seed: int = 0, device: str | None = None,
-                 runs_dir: str | Path | None = None, data_root: str | Path | None = None) -> list[str]:
+                 runs_dir: str | Path | None = None, data_root: str | Path | None = None,
+                 fresh: bool = False) -> list[str]:
     """Derive ``count`` paths (or the explicit ``path``) of a trained RGN as runs; returns the run names
     written (fine-tuned ones last). See the module docstring for names and fine-tuning."""
     e = load_entry(entry)
@@ -164,24 +165,12 @@ def derive_paths(entry: str, path: str = "random", count: int = 1, seed: int = 0
     if finetune is None:
         return names
     return names + finetune_derived(finetune, names[:len(paths)], paths, explicit is not None, seed, device,
-                                    runs_dir, data_root)
-
-
-def _check_not_stale(tuned: RunDir, derived: RunDir) -> None:
-    """A fine-tuned run started from other weights than the path derived now (the RGN was retrained)
-    must not be reported as done."""
-    if not tuned.exists():
-        return
-    started = tuned.read_manifest().get("extra", {}).get("init_from", {}).get("weights_sha256")
-    now = derived.read_manifest()["files"].get("model.safetensors")
-    if started is not None and started != now:
-        raise CheckpointError(f"was fine-tuned from older weights of {derived.name} (the RGN changed since); move "
-                              f"{tuned.path} away to fine-tune again", file=str(tuned.manifest_path),
-                              field="extra.init_from.weights_sha256")
+                                    runs_dir, data_root, fresh)
 
 
 def finetune_derived(ft: ZooEntry, derived: list[str], paths: list[GatePath], explicit: bool, seed: int,
-                     device: str | None, runs_dir: str | Path | None, data_root: str | Path | None) -> list[str]:
+                     device: str | None, runs_dir: str | Path | None, data_root: str | Path | None,
+                     fresh: bool = False) -> list[str]:
     """Fine-tune each derived path with ``ft``'s training spec (a run per path, resumable like any
     training), then assemble the K fine-tuned members into one ensemble run."""
     from robbench.models import build_model
@@ -189,9 +178,10 @@ def finetune_derived(ft: ZooEntry, derived: list[str], paths: list[GatePath], ex
 
     names = _run_names(ft.name, paths, explicit, seed)
     for name, src_run in zip(names, derived):
-        _check_not_stale(RunDir(runs_dir, name), RunDir(runs_dir, src_run))
+        # a tuned run started from older derived weights (the RGN was retrained) is stale: train_entry
+        # refuses it, or with ``fresh`` moves it aside
         train_entry(ft.source, overrides=[*ft.overrides, f"name={name}", f"train.init_from={src_run}"],
-                    device=device, runs_dir=runs_dir, data_root=data_root)
+                    device=device, runs_dir=runs_dir, data_root=data_root, fresh=fresh)
     if len(names) > len(paths):
         ens_name = names[-1]
         members = []

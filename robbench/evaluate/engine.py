@@ -119,6 +119,8 @@ def trained_entries(runs_dir: str | Path | None) -> list[tuple[str, Any]]:
     root = Path(runs_dir) if runs_dir is not None else default_runs_dir()
     out = []
     for mf in sorted(root.glob("*/manifest.json")):
+        if ".stale-" in mf.parent.name:  # moved aside by `train --fresh`: kept, not evaluated
+            continue
         run = RunDir(root, mf.parent.name)
         try:
             m = run.read_manifest()

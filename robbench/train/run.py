@@ -78,10 +78,29 @@ def load_init_from(entry: ZooEntry, model: torch.nn.Module, runs_dir: Path | str
             "entry_sha256": manifest["entry_sha256"]}
 
 
+def stale_reason(run: RunDir, entry: ZooEntry, runs_dir: Path | str | None) -> str | None:
+    """Why the run on disk cannot be resumed or reused for ``entry`` (None when it can): it was made from
+    another resolved config, or it started from weights of ``train.init_from`` that have since changed."""
+    m = run.read_manifest()
+    if m["entry_sha256"] != entry.sha256():
+        return (f"holds a run of a different configuration (overrides {m.get('overrides', [])}, now "
+                f"{list(entry.overrides)})")
+    started = (m.get("extra") or {}).get("init_from") or {}
+    src = RunDir(runs_dir, started["entry"]) if started.get("entry") else None
+    if src is not None and src.exists():
+        now = src.read_manifest().get("files", {}).get("model.safetensors")
+        if now is not None and started.get("weights_sha256") not in (None, now):
+            return f"started from older weights of {started['entry']!r} (it was retrained since)"
+    return None
+
+
 def train_entry(spec: str, overrides: list[str] | None = None, device: str | None = None,
                 runs_dir: str | Path | None = None, data_root: str | Path | None = None,
-                progress: bool = True) -> dict[str, Any]:
-    """Train (or resume, or confirm) one zoo entry; returns the run's manifest (rank 0's view)."""
+                progress: bool = True, fresh: bool = False) -> dict[str, Any]:
+    """Train (or resume, or confirm) one zoo entry; returns the run's manifest (rank 0's view).
+
+    A run on disk that is stale (:func:`stale_reason`) is an error, or with ``fresh`` is moved aside to
+    ``runs/<entry>.stale-<time>`` (kept, never deleted) and trained anew."""
     from robbench.data import get_info
     from robbench.models import build_model
 
@@ -95,9 +114,18 @@ def train_entry(spec: str, overrides: list[str] | None = None, device: str | Non
     env, dev = init_distributed(device)
     try:
         run = RunDir(runs_dir, entry.name)
+        reason = stale_reason(run, entry, runs_dir) if run.exists() else None
+        if reason and not fresh:
+            raise CheckpointError(f"{reason}; rerun with --fresh to move it aside and train anew",
+                                  file=str(run.manifest_path))
+        if reason:
+            if env.is_main:
+                moved = run.move_aside()
+                print(f"{entry.name}: {reason}; moved it to {moved}", file=sys.stderr)
+            env.barrier()
         if run.exists():
             m = run.read_manifest()
-            if m["status"] == "complete" and m["entry_sha256"] == entry.sha256():
+            if m["status"] == "complete":
                 if env.is_main:
                     print(f"{entry.name}: already trained ({m.get('epochs_done')} epochs) in {run.path}; "
                           "nothing to do", file=sys.stderr)
