@@ -41,8 +41,9 @@ def test_schema_wal_meta_and_index(store: Store, tmp_path: Path) -> None:
     run_cols = {r[1] for r in c.execute("PRAGMA table_info(runs)")}
     assert {"entry", "checkpoint_sha256", "protocol", "protocol_sha256", "overrides", "seed", "versions",
             "started", "finished", "status", "meta"} <= run_cols
-    idx = [r[2] for r in c.execute("PRAGMA index_info(outcomes_run_attack_eps)")]
-    assert idx == ["run_id", "attack", "eps"]
+    plan = " ".join(str(r[-1]) for r in c.execute(
+        "EXPLAIN QUERY PLAN SELECT correct FROM outcomes WHERE run_id = 1 AND attack = 'a' AND eps = 0.1"))
+    assert "PRIMARY KEY" in plan and "run_id=? AND attack=? AND eps=?" in plan  # served by the clustered key
     assert int(c.execute("PRAGMA busy_timeout").fetchone()[0]) >= 10_000
 
 
