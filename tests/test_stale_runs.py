@@ -52,3 +52,12 @@ def test_cli_stale_run_is_one_line_exit_2(tmp_path: Path) -> None:
     r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().count("\n") == 0 and "--fresh" in r.stderr
+
+
+def test_missing_data_leaves_no_run_behind(tmp_path: Path) -> None:
+    from robbench.errors import DataError
+
+    with pytest.raises(DataError, match="cifar-10-batches-py"):
+        train_entry("baseline_resnet20_x3", ["data.options.download=false"], device="cpu",
+                    runs_dir=tmp_path / "runs", data_root=tmp_path / "nodata", progress=False)
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())

@@ -130,6 +130,12 @@ def train_entry(spec: str, overrides: list[str] | None = None, device: str | Non
                     print(f"{entry.name}: already trained ({m.get('epochs_done')} epochs) in {run.path}; "
                           "nothing to do", file=sys.stderr)
                 return m
+        # missing data is a one-line error before anything is written under runs/ (load_split caches,
+        # so the loop reuses these)
+        from robbench.data import load_split
+
+        for split in ("train", "test"):
+            load_split(entry.data.dataset, split, entry.data.root or data_root, entry.data.options)
         seed_everything(entry.train.seed)
         info = get_info(entry.data.dataset, entry.data.options)
         model = build_model(entry, info).to(dev)
