@@ -148,38 +148,31 @@ class TrainContext:
             broadcast_buffers(self.model)
 
 
+def _flat_collective(tensors: list[torch.Tensor], collective: Any) -> None:
+    """Run one collective over ``tensors`` flattened into one buffer (one call, not one per tensor),
+    then copy the result back in place."""
+    flat = torch.cat([t.reshape(-1).to(tensors[0].dtype) for t in tensors])
+    collective(flat)
+    offset = 0
+    for t in tensors:
+        n = t.numel()
+        t.copy_(flat[offset:offset + n].view_as(t))
+        offset += n
+
+
 def allreduce_grads(model: nn.Module, world_size: int) -> None:
     """Average every existing gradient across ranks with one flat all_reduce."""
     grads = [p.grad for p in model.parameters() if p.grad is not None]
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= world_size
-    offset = 0
-    for g in grads:
-        n = g.numel()
-        g.copy_(flat[offset:offset + n].view_as(g))
-        offset += n
+    if grads:
+        _flat_collective(grads, lambda flat: (dist.all_reduce(flat), flat.div_(world_size)))
 
 
 def broadcast_buffers(model: nn.Module) -> None:
     """BatchNorm running statistics (every buffer) from rank 0, like DDP's broadcast_buffers."""
-    bufs = [b for b in model.buffers()]
-    if not bufs:
-        return
-    floats = [b for b in bufs if b.is_floating_point()]
-    ints = [b for b in bufs if not b.is_floating_point()]
-    for group in (floats, ints):
-        if not group:
-            continue
-        flat = torch.cat([b.reshape(-1).to(group[0].dtype) for b in group])
-        dist.broadcast(flat, src=0)
-        offset = 0
-        for b in group:
-            n = b.numel()
-            b.copy_(flat[offset:offset + n].view_as(b))
-            offset += n
+    bufs = list(model.buffers())
+    for group in ([b for b in bufs if b.is_floating_point()], [b for b in bufs if not b.is_floating_point()]):
+        if group:
+            _flat_collective(group, lambda flat: dist.broadcast(flat, src=0))
 
 
 def broadcast_parameters(model: nn.Module) -> None:
