@@ -86,11 +86,17 @@ def write_derived(rgn: RandomGatedNetwork, src: ZooEntry, source_run: str, paths
         entry = plain_entry(src, name, len(group), source_run,
                             f"Ensemble-in-One: {'ensemble of ' if len(group) > 1 else ''}path(s) "
                             f"{'; '.join(path_tag(p) for p in group)} of {source_run} (not fine-tuned)")
+        run, run_extra = RunDir(runs_dir, name), {**extra, "eio_paths": [list(p) for p in group]}
+        if run.exists():  # the same paths of the same RGN weights: already written, keep it untouched
+            m = run.read_manifest()
+            old = m.get("extra") or {}
+            if m["status"] == "complete" and m["entry_sha256"] == entry.sha256() and all(
+                    old.get(k) == run_extra[k] for k in ("derived_from_sha256", "eio_paths")):
+                continue
         model = build_model(entry, get_info(entry.data.dataset, entry.data.options))
         for member, p in zip(model.members, group):
             member.load_state_dict(rgn.derive_state_dict(p), strict=True)
-        RunDir(runs_dir, name).save_final(model, entry, extra={**extra, "eio_paths": [list(p) for p in group]},
-                                          epochs_done=0)
+        run.save_final(model, entry, extra=run_extra, epochs_done=0)
 
 
 def _groups(paths: list[GatePath], names: list[str]) -> list[list[GatePath]]:
