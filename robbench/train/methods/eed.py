@@ -1,0 +1,143 @@
+"""``eed``: EED's joint team training (Alg. 1 step 4; §4.2-4.3; App. A.1 "80 epochs for ensemble
+learning"). The entry's model is an ``eed_team`` (``model.arch``) with ``model.transform = 'masked'``;
+on the first start every sub-network takes the weights *and masks* of one pool entry (``team``, in
+the order DIE adds them). The masks stay fixed (the scores and rates do not train); the kept weights,
+BatchNorm and biases train on
+
+    L_EED = L_E + omega * L_R + gamma * L_C      (Eq. 19; terms in robbench.eed.losses)
+
+computed on adversarial examples crafted against the team's mean output with the training attack
+(EED §5.1: Madry PGD-20, step 2/255, eps 8/255; reading: EED trains with AT throughout, the team loss
+replaces Madry's CE). ``train_on = 'clean'`` computes the loss on clean inputs instead.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from torch import nn
+
+from robbench.config import opt
+from robbench.eed.losses import activation_l1, ensemble_loss, misclassification_loss, weight_l1
+from robbench.errors import ConfigError, UserError
+from robbench.models.eed_team import TeamNet, find_team
+from robbench.pruning.masked import set_phase
+from robbench.registry import METHODS
+from robbench.train.methods import Batch, Method
+from robbench.train.methods.adv_bases import AdvBaseOptions, craft
+
+if TYPE_CHECKING:
+    from robbench.train.loop import TrainContext
+
+
+@dataclass
+class EEDOptions(AdvBaseOptions):
+    team: list[str] = opt([], help="pool entries whose weights and masks start the sub-networks, in DIE order "
+                                   "(the RD selection: python -m robbench.eed.select)")
+    omega: float = opt(10.0, min=0.0, help="L_R weight (EED §5.1: omega = 10)")
+    gamma: float = opt(4.0, min=0.0, help="L_C weight (EED §5.1: gamma = 4 for s_r = 80%)")
+    lambda1: float = opt(0.7, min=0.0, help="weight-sparsity weight in L_C (EED §5.1: 0.7)")
+    lambda2: float = opt(0.25, min=0.0, help="activation-sparsity weight in L_C (EED §5.1: 0.25)")
+    alpha: float = opt(2.0, min=0.0, help="Reg weight in L_E: not given by EED; ADP README CIFAR alpha = 2")
+    beta: float = opt(0.5, min=0.0, help="Div weight in L_E: not given by EED; ADP README CIFAR beta = 0.5")
+    lr_c: float = opt(1.0, min=0.0, help="the undefined C in L_R's log(1 - C * max): reading C = 1")
+    lr_wrong_only: bool = opt(True, help="L_R's max over wrong classes only (iGAT reading); false = all classes")
+    lc_normalise: bool = opt(True, help="L_C terms as means over their elements (false: raw sums, as printed)")
+    activation_site: Literal["penultimate", "logits"] = opt("penultimate", help="activations in L_C's L0 (L1) term")
+    train_on: Literal["adv", "clean"] = opt("adv", help="inputs of L_EED: PGD examples of the team (AT) or clean")
+
+
+def _classifier_input_hooks(nets: list[nn.Module], store: list[torch.Tensor]) -> list[Any]:
+    """Capture the input of each net's last Linear (the penultimate features)."""
+    handles = []
+    for net in nets:
+        last = [m for m in net.modules() if isinstance(m, nn.Linear)]
+        if not last:
+            raise ConfigError("the team's sub-networks have no Linear classifier", field="model.options.base_arch")
+        handles.append(last[-1].register_forward_pre_hook(lambda m, a: store.append(a[0])))
+    return handles
+
+
+def load_team_members(ctx: "TrainContext", team: TeamNet, names: list[str]) -> list[dict[str, Any]]:
+    """Copy pool entry i's single network (``members.0.*``) into sub-network i."""
+    from robbench.checkpoint import load_trained
+    from robbench.errors import CheckpointError
+
+    prov = []
+    for i, name in enumerate(names):
+        try:
+            src, manifest = load_trained(name, ctx.extras.get("runs_dir"), ctx.device)
+        except CheckpointError as e:
+            raise UserError(f"team member {name!r} is not usable yet: {e}; train it with: robbench train zoo/{name}",
+                            file=ctx.entry.source, field="train.params.team") from None
+        members = getattr(src, "members", None)
+        if members is None or len(members) != 1:
+            raise ConfigError(f"team member {name!r} must be one network", file=ctx.entry.source,
+                              field="train.params.team")
+        sd = members[0].state_dict()
+        mine = team.nets[i].state_dict()
+        bad = sorted(set(sd) ^ set(mine)) or [k for k in sd if sd[k].shape != mine[k].shape]
+        if bad:
+            raise ConfigError(f"team member {name!r} does not match model.options.base_arch with the 'masked' "
+                              f"transform (e.g. {bad[0]})", file=ctx.entry.source, field="train.params.team")
+        team.nets[i].load_state_dict(sd)
+        prov.append({"entry": name, "weights_sha256": manifest["files"].get("model.safetensors")})
+    return prov
+
+
+@METHODS.register("eed", params=EEDOptions)
+class EED(Method):
+    def __init__(self, options: EEDOptions | None = None) -> None:
+        super().__init__(options or EEDOptions())
+        self.initialised = False
+        self.team: TeamNet | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"initialised": self.initialised}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.initialised = bool(state.get("initialised", False))
+
+    def setup(self, ctx: "TrainContext") -> None:
+        o: EEDOptions = self.options
+        file = ctx.entry.source
+        if len(ctx.members) != 1 or ctx.entry.model.arch != "eed_team":
+            raise ConfigError("EED trains one team network; allowed: model.arch = 'eed_team', model.members = 1",
+                              file=file, field="model.arch")
+        self.team = find_team(ctx.model)
+        if o.team and len(o.team) != len(self.team.nets):
+            raise ConfigError(f"team names {len(o.team)} entries but model.options.size is {len(self.team.nets)}",
+                              file=file, field="train.params.team")
+        if not self.initialised and o.team:
+            ctx.extras["log_team_from"] = load_team_members(ctx, self.team, list(o.team))
+        self.initialised = True
+        set_phase(ctx.model, "finetune")  # masks as the pool pruned them; weights train
+
+    def _mean_output(self, x: torch.Tensor) -> torch.Tensor:
+        team = self.team
+        assert team is not None
+        probs = torch.stack([torch.softmax(z, dim=1) for z in team.member_logits(x)]).mean(0)
+        return torch.log(probs.clamp_min(1e-40))
+
+    def step(self, ctx: "TrainContext", batch: Batch) -> dict[str, float]:
+        o: EEDOptions = self.options
+        team = self.team
+        assert team is not None
+        x = craft(self._mean_output, ctx.model, batch.x, batch.y, o, "ce") if o.train_on == "adv" else batch.x
+        feats: list[torch.Tensor] = []
+        handles = _classifier_input_hooks(list(team.nets), feats) if o.activation_site == "penultimate" else []
+        try:
+            logits = team.member_logits(x)
+        finally:
+            for h in handles:
+                h.remove()
+        l_e, metrics = ensemble_loss(logits, batch.y, o.alpha, o.beta)
+        l_r = misclassification_loss(logits, batch.y, o.lr_c, o.lr_wrong_only)
+        acts = feats if o.activation_site == "penultimate" else logits
+        l_c = o.lambda1 * weight_l1(list(team.nets), o.lc_normalise) + o.lambda2 * activation_l1(acts, o.lc_normalise)
+        loss = l_e + o.omega * l_r + o.gamma * l_c
+        ctx.update(loss)
+        metrics.update(loss=float(loss.detach()), l_e=float(l_e.detach()), l_r=float(l_r.detach()),
+                       l_c=float(l_c.detach()))
+        return metrics
