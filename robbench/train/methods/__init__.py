@@ -108,3 +108,5 @@ def per_member_metrics(name: str, values: list[torch.Tensor]) -> dict[str, float
 # Importing the modules registers the methods.
 from robbench.train.methods import adp, advt, baseline, dverge, dverge_advt, gal  # noqa: E402,F401
 from robbench.train.methods import eio  # noqa: E402,F401  (Ensemble-in-One; engineer E)
+from robbench.train.methods import adv_bases, eed, score_prune  # noqa: E402,F401  (AT bases, pruning, EED)
+from robbench.train.methods import xie  # noqa: E402,F401  (Xie & Yuille adversarial training at scale)
