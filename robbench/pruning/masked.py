@@ -12,9 +12,9 @@ A masked layer keeps its dense ``weight`` and adds
   by default) and the straight-through gradient to ``k`` is ``sum(g)`` over the whole mask gradient
   (HARP ``models/layers.py`` ``GetSubnet.backward``: ``g_r = torch.sum(g)``).
 
-While ``scores`` require grad (the prune phase) the forward recomputes the mask from the scores and
-stores it in ``mask``; otherwise (fine-tune phase, evaluation, a loaded checkpoint) it uses ``mask`` as
-stored. ``weight * mask`` is what the layer computes with, so a pruned weight gets a zero gradient.
+In the prune phase (``learning_mask``, set by :func:`set_phase`) the forward recomputes the mask from
+the scores and stores it in ``mask``; otherwise (a fresh build: all ones; fine-tune phase, evaluation,
+a loaded checkpoint) it uses ``mask`` as stored. ``weight * mask`` is what the layer computes with, so a pruned weight gets a zero gradient.
 """
 from __future__ import annotations
 
@@ -31,7 +31,10 @@ class TopKMask(torch.autograd.Function):
     ``sum(g)`` to ``k`` (HARP), as the references' ``GetSubnet``."""
 
     @staticmethod
-    def forward(ctx, scores: torch.Tensor, k: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, scores: torch.Tensor, k: torch.Tensor | float) -> torch.Tensor:  # type: ignore[override]
+        # k: a Python float for a fixed rate (HYDRA: int((1 - 0.2) * n) in double precision), a tensor
+        # for HARP's learnable rate (its float32 value, as HARP's rate_act_func output)
+        ctx.k_is_tensor = isinstance(k, torch.Tensor)
         out = torch.zeros_like(scores)
         flat = out.view(-1)
         _, idx = scores.flatten().sort()
@@ -41,7 +44,7 @@ class TopKMask(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):  # type: ignore[override]
-        return g, g.sum()
+        return g, (g.sum() if ctx.k_is_tensor else None)
 
 
 def keep_rate(k_score: torch.Tensor, k_min: float) -> torch.Tensor:
@@ -69,15 +72,16 @@ class MaskedMixin:
         self.k_min = float(k_min)
         # HARP layers.py: nn.init.constant_(self.k_score, 1.0) (the strategy file may replace it)
         self.k_score = nn.Parameter(torch.tensor(float(k_score_init))) if learn_rate else None
+        self.learning_mask = False  # plain attribute: never in the state dict
 
-    def rate(self) -> torch.Tensor:
-        """This layer's keep fraction (a tensor: learnable under HARP)."""
+    def rate(self) -> torch.Tensor | float:
+        """This layer's keep fraction (a tensor when learnable under HARP, else the fixed float)."""
         if self.k_score is not None:
             return keep_rate(self.k_score, self.k_min)
-        return torch.tensor(self.keep, device=self.weight.device)
+        return self.keep
 
     def effective_weight(self) -> torch.Tensor:
-        if self.scores.requires_grad or (self.k_score is not None and self.k_score.requires_grad):
+        if self.learning_mask:
             m = TopKMask.apply(self.scores.abs(), self.rate())
             with torch.no_grad():
                 self.mask.copy_(m.detach())
@@ -87,7 +91,8 @@ class MaskedMixin:
     @torch.no_grad()
     def refresh_mask(self) -> None:
         """Recompute ``mask`` from the scores (after a score initialiser; before freezing the scores)."""
-        self.mask.copy_(TopKMask.apply(self.scores.abs(), self.rate().detach()))
+        k = self.rate()
+        self.mask.copy_(TopKMask.apply(self.scores.abs(), k.detach() if isinstance(k, torch.Tensor) else k))
 
     def masked_parameters(self) -> Iterator[nn.Parameter]:
         yield self.weight
@@ -151,6 +156,7 @@ def set_phase(model: nn.Module, phase: str, *, train_bn: bool = True) -> None:
     pruning = phase == "prune"
     masked_ids: set[int] = set()
     for _, layer in masked_layers(model):
+        layer.learning_mask = pruning
         layer.scores.requires_grad_(pruning)
         if layer.k_score is not None:
             layer.k_score.requires_grad_(pruning)

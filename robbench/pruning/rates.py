@@ -17,7 +17,8 @@ def global_keep(model: nn.Module) -> torch.Tensor:
     if not layers:
         return torch.tensor(1.0)
     n = [float(layer.weight.numel()) for layer in layers]
-    return sum(ni * layer.rate() for ni, layer in zip(n, layers)) / sum(n)  # type: ignore[return-value]
+    total = sum(ni * torch.as_tensor(layer.rate()) for ni, layer in zip(n, layers))
+    return total / sum(n)  # type: ignore[return-value]
 
 
 def hardware_loss(model: nn.Module, target_keep: float) -> torch.Tensor:

@@ -109,7 +109,11 @@ class EED(Method):
         if o.team and len(o.team) != len(self.team.nets):
             raise ConfigError(f"team names {len(o.team)} entries but model.options.size is {len(self.team.nets)}",
                               file=file, field="train.params.team")
-        if not self.initialised and o.team:
+        if not self.initialised and not o.team:
+            raise ConfigError("no team yet: run the RD selection over the pool (python -m robbench.eed.select) and "
+                              "set train.params.team and model.options.size from it", file=file,
+                              field="train.params.team")
+        if not self.initialised:
             ctx.extras["log_team_from"] = load_team_members(ctx, self.team, list(o.team))
         self.initialised = True
         set_phase(ctx.model, "finetune")  # masks as the pool pruned them; weights train

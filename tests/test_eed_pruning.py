@@ -1,0 +1,199 @@
+"""Score-mask pruning framework: HYDRA top-k masks, HARP rates, phases, the four scores, masks in the
+checkpoint and measurements from the masks (hand-checkable nets; digits-size ResNet-20 at width 0.25)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from robbench.config import ModelSpec
+from robbench.data import get_info
+from robbench.models import build_network
+from robbench.pruning import footprint, mask_network, masked_layers, set_phase
+from robbench.pruning.masked import MaskedConv2d, MaskedLinear, TopKMask, keep_rate
+from robbench.pruning.measure import bake_masks
+from robbench.pruning.rates import global_keep, hardware_loss
+from robbench.pruning.scores import ScoreData, initialise_scores, score_names
+from robbench.pruning.scores.ase import ase_scores
+from robbench.pruning.scores.bnsf import bnsf_scores
+from robbench.pruning.scores.erm import erm_scores
+from robbench.pruning.scores.nis import nis_scores
+
+
+def test_topk_keeps_the_largest_fraction_and_is_straight_through():
+    s = torch.tensor([0.1, 0.9, 0.5, 0.3, 0.7], requires_grad=True)
+    # HYDRA GetSubnet, fixed k = 0.4: int((1 - 0.4) * 5) = 3 lowest zeroed, keeps 0.9 and 0.7
+    assert TopKMask.apply(s, 0.4).tolist() == [0, 1, 0, 0, 1]
+    # HARP: k is a float32 tensor; (1 - float32(0.4)) * 5 = 2.99.. -> int 2 zeroed (HARP's rounding too)
+    k = torch.tensor(0.4, requires_grad=True)
+    m = TopKMask.apply(s, k)
+    assert m.tolist() == [0, 1, 1, 0, 1]
+    g = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
+    m.backward(g)
+    assert torch.equal(s.grad, g)          # straight through to the scores
+    assert k.grad.item() == pytest.approx(15.0)  # HARP: sum(g)
+
+
+def test_harp_rate_and_hardware_loss():
+    assert keep_rate(torch.tensor(0.0), 0.02).item() == pytest.approx(0.5 * 0.98 + 0.02)
+    lin = nn.Sequential(nn.Linear(10, 10), nn.Linear(10, 30))
+    mask_network(lin, {"sparsity": 0.8, "learn_rates": True})
+    # the default k_score starts every layer at the target keep rate: no compression loss
+    assert global_keep(lin).item() == pytest.approx(0.2, rel=1e-5)
+    assert hardware_loss(lin, 0.2).item() == pytest.approx(0.0, abs=1e-6)
+    with torch.no_grad():
+        lin[1].k_score.fill_(10.0)  # layer 2 keeps ~everything: (100*0.2 + 300*~1) / 400 / 0.2 - 1
+    want = (100 * 0.2 + 300 * keep_rate(torch.tensor(10.0), 0.02).item()) / 400 / 0.2 - 1
+    assert hardware_loss(lin, 0.2).item() == pytest.approx(want, rel=1e-5)
+
+
+def _tiny_resnet(width: float = 0.25, sparsity: float = 0.8, **kw) -> nn.Module:
+    torch.manual_seed(0)
+    net = build_network(ModelSpec(arch="resnet20", width=width), get_info("digits"))
+    with torch.no_grad():  # trained-looking BatchNorm statistics, so BN-dependent scores differ from |w|
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.2, 2.0)
+                m.running_var.uniform_(0.1, 3.0)
+    return mask_network(net, {"sparsity": sparsity, **kw})
+
+
+def test_transform_masks_every_conv_and_linear_and_keeps_the_function():
+    torch.manual_seed(0)
+    dense = build_network(ModelSpec(arch="resnet20", width=0.25), get_info("digits")).eval()
+    x = torch.rand(4, 1, 8, 8)
+    ref = dense(x)
+    net = mask_network(dense, {"sparsity": 0.8}).eval()
+    assert len(masked_layers(net)) == 22  # 19 3x3 convs + 2 shortcut 1x1 convs + fc
+    assert not any(type(m) in (nn.Conv2d, nn.Linear) for m in net.modules())
+    assert torch.allclose(net(x), ref, atol=1e-6)  # masks start at all-ones
+    initialise_scores(net, "erm")
+    for _, layer in masked_layers(net):
+        assert int(layer.mask.sum()) == layer.mask.numel() - int(0.8 * layer.mask.numel())
+
+
+def test_phases_freeze_the_right_parameters():
+    net = _tiny_resnet(learn_rates=True)
+    set_phase(net, "prune")
+    for _, layer in masked_layers(net):
+        assert layer.scores.requires_grad and layer.k_score.requires_grad and not layer.weight.requires_grad
+    bns = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert all(b.weight.requires_grad for b in bns)  # HYDRA: BN affine trains unless --freeze-bn
+    set_phase(net, "prune", train_bn=False)
+    assert not any(b.weight.requires_grad for b in bns)
+    set_phase(net, "finetune")
+    for _, layer in masked_layers(net):
+        assert not layer.scores.requires_grad and not layer.k_score.requires_grad and layer.weight.requires_grad
+
+
+def test_prune_phase_gradients_reach_scores_and_finetune_keeps_pruned_weights_zero_grad():
+    net = _tiny_resnet()
+    initialise_scores(net, "erm")
+    x, y = torch.rand(8, 1, 8, 8), torch.randint(0, 10, (8,))
+    set_phase(net, "prune")
+    nn.functional.cross_entropy(net(x), y).backward()
+    layer = masked_layers(net)[3][1]
+    assert layer.scores.grad is not None and layer.scores.grad.abs().sum() > 0 and layer.weight.grad is None
+    net.zero_grad(set_to_none=True)
+    set_phase(net, "finetune")
+    mask_before = layer.mask.clone()
+    nn.functional.cross_entropy(net(x), y).backward()
+    assert torch.equal(layer.mask, mask_before)
+    assert layer.weight.grad[layer.mask == 0].abs().max() == 0 and layer.weight.grad.abs().sum() > 0
+
+
+def test_erm_is_hydra_scaled_magnitude():
+    net = _tiny_resnet()
+    name, layer = masked_layers(net)[1]
+    w = layer.weight
+    fan_in = w.shape[1] * w.shape[2] * w.shape[3]
+    assert torch.allclose(erm_scores(net, ScoreData())[name], math.sqrt(6 / fan_in) * w / w.abs().max())
+
+
+def test_bnsf_scales_each_output_channel_by_its_bn():
+    net = _tiny_resnet()
+    s = bnsf_scores(net, ScoreData())
+    conv, bn = net.layer1[0].conv1, net.layer1[0].bn1
+    name = next(n for n, m in masked_layers(net) if m is conv)
+    want = (conv.weight * (bn.weight / torch.sqrt(bn.running_var + bn.eps)).reshape(-1, 1, 1, 1)).abs()
+    assert torch.allclose(s[name], want)
+    fc = next(n for n, m in masked_layers(net) if isinstance(m, MaskedLinear))
+    assert torch.equal(s[fc], net.fc.weight.abs())  # no BN follows the classifier: |w|
+
+
+def test_nis_on_a_linear_chain_is_the_nisp_recursion():
+    torch.manual_seed(0)
+    chain = mask_network(nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3)), {"sparsity": 0.5})
+    w1, w2 = chain[0].weight.detach(), chain[2].weight.detach()
+    s = nis_scores(chain, ScoreData())
+    s_hidden = w2.abs().t() @ torch.ones(3)           # s_1 = |W_2|^T s_2, s_2 = 1 (uniform seed)
+    assert torch.allclose(s["2"], w2.abs())           # last layer: s_out = 1
+    assert torch.allclose(s["0"], s_hidden.reshape(-1, 1) * w1.abs(), atol=1e-6)
+
+
+def test_ase_kfac_diagonal_on_one_linear_layer():
+    torch.manual_seed(0)
+    lin = mask_network(nn.Sequential(nn.Linear(3, 2)), {"sparsity": 0.5})
+    x, y = torch.randn(5, 3), torch.randint(0, 2, (5,))
+    s = ase_scores(lin, ScoreData(batches=[(x, y)]))["0"]
+    with torch.no_grad():
+        g = torch.softmax(lin(x), 1) - nn.functional.one_hot(y, 2)   # per-sample dCE/dz
+    want = 0.5 * (g.pow(2).mean(0).reshape(-1, 1) * x.pow(2).mean(0).reshape(1, -1)) * lin[0].weight.detach().pow(2)
+    assert torch.allclose(s, want, rtol=1e-4, atol=1e-9)
+
+
+def test_the_four_scores_give_four_different_masks():
+    net = _tiny_resnet()
+    g = torch.Generator().manual_seed(0)
+    data = ScoreData(batches=[(torch.rand(16, 1, 8, 8, generator=g), torch.randint(0, 10, (16,), generator=g))])
+    masks = {}
+    for name in score_names():
+        initialise_scores(net, name, data)
+        masks[name] = torch.cat([layer.mask.flatten() for _, layer in masked_layers(net)])
+    assert sorted(masks) == ["ase", "bnsf", "erm", "nis"]
+    for a in masks:
+        for b in masks:
+            if a < b:
+                assert (masks[a] != masks[b]).float().mean() > 0.02, (a, b)
+
+
+def test_footprint_counts_kept_weights_and_macs_by_hand():
+    conv = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1, bias=False), nn.Flatten(), nn.Linear(2 * 4 * 4, 3))
+    net = mask_network(conv, {"sparsity": 0.5})
+    with torch.no_grad():
+        net[0].mask.zero_()
+        net[0].mask.view(-1)[:5] = 1   # 5 of 18 conv weights kept
+        net[2].mask.zero_()
+        net[2].mask.view(-1)[:10] = 1  # 10 of 96 fc weights kept
+    f = footprint(net, (1, 4, 4))
+    assert (f.prunable, f.prunable_kept) == (18 + 96, 15)
+    assert f.params_total == 18 + 96 + 3 and f.params_kept == 15 + 3   # fc bias kept, scores excluded
+    assert (f.macs_dense, f.macs_kept) == (16 * 18 + 96, 16 * 5 + 10)
+    assert f.sparsity == pytest.approx(1 - 15 / 114) and f.flops_speedup == pytest.approx((16 * 18 + 96) / 90)
+    baked = bake_masks(net)
+    assert "0.scores" not in baked and "0.mask" not in baked
+    assert int(baked["0.weight"].count_nonzero()) <= 5
+
+
+def test_masks_live_in_the_safetensors_checkpoint(tmp_path):
+    from robbench.checkpoint import RunDir, load_trained
+    from robbench.config import load_entry
+    from robbench.data import get_info as info
+    from robbench.models import build_model
+
+    entry = load_entry("demo_eed_nis_0_prune", ["model.width=0.25"])
+    torch.manual_seed(0)
+    model = build_model(entry, info("digits"))
+    initialise_scores(model.members[0], "erm")
+    run = RunDir(tmp_path, entry.name)
+    run.begin(entry)
+    manifest = run.save_final(model, entry, epochs_done=0)
+    assert "model.safetensors" in manifest["files"]  # sha256 of the weights file, masks included
+    loaded, _ = load_trained(entry.name, tmp_path)
+    a = dict(masked_layers(model.members[0]))
+    for name, layer in masked_layers(loaded.members[0]):
+        assert torch.equal(layer.mask, a[name].mask)
+    fp = footprint(loaded.members[0], (1, 8, 8))
+    assert fp.sparsity == pytest.approx(0.95, abs=0.01)
