@@ -35,12 +35,11 @@ class TopKMask(torch.autograd.Function):
         # k: a Python float for a fixed rate (HYDRA: int((1 - 0.2) * n) in double precision), a tensor
         # for HARP's learnable rate (its float32 value, as HARP's rate_act_func output)
         ctx.k_is_tensor = isinstance(k, torch.Tensor)
-        out = torch.zeros_like(scores)
-        flat = out.view(-1)
-        _, idx = scores.flatten().sort()
+        flat = torch.zeros(scores.numel(), dtype=scores.dtype, device=scores.device)
+        _, idx = scores.flatten().sort()  # flatten() follows the logical order whatever the memory format
         j = int((1 - float(k)) * scores.numel())
         flat[idx[j:]] = 1.0
-        return out
+        return flat.view(scores.shape)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):  # type: ignore[override]
