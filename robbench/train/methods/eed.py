@@ -109,6 +109,8 @@ class EED(Method):
         if o.team and len(o.team) != len(self.team.nets):
             raise ConfigError(f"team names {len(o.team)} entries but model.options.size is {len(self.team.nets)}",
                               file=file, field="train.params.team")
+        if ctx.entry.train.init_from:  # the weights come from a trained team (e.g. another deployment of it)
+            self.initialised = True
         if not self.initialised and not o.team:
             raise ConfigError("no team yet: run the RD selection over the pool (python -m robbench.eed.select) and "
                               "set train.params.team and model.options.size from it", file=file,
