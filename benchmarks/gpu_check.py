@@ -119,15 +119,25 @@ def write_outputs(out: Path, results: dict[str, Any]) -> None:
         os.replace(tmp, out / name)
 
 
-def section_functions() -> dict[str, Any]:
-    from gpucheck import correctness, costs, envinfo, speed, subproc
+SECTION_FUNCTIONS = {
+    "env": "envinfo.env", "memformat": "correctness.memformat", "vmap_equivalence": "correctness.vmap_equivalence",
+    "cuda_vs_cpu": "correctness.cuda_vs_cpu", "torchrun": "subproc.torchrun",
+    "method_throughput": "speed.method_throughput", "loop_vs_vmap": "speed.loop_vs_vmap",
+    "memory_formats": "speed.memory_formats", "pgd_whitebox": "speed.pgd_whitebox",
+    "transfer_set": "speed.transfer_set", "compile": "subproc.compile_check",
+    "projection_costs": "costs.projection_costs", "projection": "costs.projection",
+}
 
-    return {"env": envinfo.env, "memformat": correctness.memformat, "vmap_equivalence": correctness.vmap_equivalence,
-            "cuda_vs_cpu": correctness.cuda_vs_cpu, "torchrun": subproc.torchrun,
-            "method_throughput": speed.method_throughput, "loop_vs_vmap": speed.loop_vs_vmap,
-            "memory_formats": speed.memory_formats, "pgd_whitebox": speed.pgd_whitebox,
-            "transfer_set": speed.transfer_set, "compile": subproc.compile_check,
-            "projection_costs": costs.projection_costs, "projection": costs.projection}
+
+def section_function(name: str) -> Any:
+    """The section's function, imported when it runs: a module that fails to import (robbench being
+    edited, a missing package) fails that section only."""
+    def run(sec: Any) -> Any:
+        import importlib
+
+        mod, fn = SECTION_FUNCTIONS[name].rsplit(".", 1)
+        return getattr(importlib.import_module(f"gpucheck.{mod}"), fn)(sec)
+    return run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -143,30 +153,36 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sections", default="", help="comma-separated subset of sections to run (default: all)")
     ap.add_argument("--compile-backend", default="inductor", help="torch.compile backend for the compile section")
     a = ap.parse_args(argv)
-    from robbench.device import pick_device
-
-    device = pick_device(a.device)
+    # robbench.device.pick_device's rule, without importing robbench here (a failing import must cost
+    # the sections that need it, not the files)
+    device = torch.device(a.device) if a.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     known = [s[0] for s in SECTIONS]
     chosen = [s.strip() for s in a.sections.split(",") if s.strip()]
     bad = [s for s in chosen if s not in known]
     if bad:
         print(f"gpu_check: --sections: unknown {', '.join(bad)}; allowed: {', '.join(known)}", file=sys.stderr)
         return 2
-    has_cuda = device.type == "cuda" and torch.cuda.is_available()
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("gpu_check: --device: CUDA is not available here; allowed: cpu (with --quick for a short run)",
+              file=sys.stderr)
+        return 2
+    has_cuda = device.type == "cuda"
     with tempfile.TemporaryDirectory(prefix="robbench-gpu-check-") as tmp:
         opts = make_options(a, device, Path(tmp))
         runner = Runner(a.out, a.budget_s, opts, write_outputs)
         runner.results["meta"].update(command=" ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),
                                       quick=opts.quick, device=str(device),
                                       started=time.strftime("%Y-%m-%d %H:%M:%S"))
-        fns = section_functions()
-        for name, full_s, quick_s, cuda_only in SECTIONS:
-            budget = quick_s if opts.quick else full_s
-            if name in RESERVE_S:  # keep time for the projection whatever came before
-                budget = min(budget, max(0.0, runner.deadline - time.monotonic() - RESERVE_S[name]))
-            runner.run(name, fns[name], budget, selected=not chosen or name in chosen, cuda_only=cuda_only,
-                       has_cuda=has_cuda, needs=SECTION_NEEDS[name])
-        runner.write()
+        try:
+            for name, full_s, quick_s, cuda_only in SECTIONS:
+                budget = quick_s if opts.quick else full_s
+                if name in RESERVE_S:  # keep time for the projection whatever came before
+                    budget = min(budget, max(0.0, runner.deadline - time.monotonic() - RESERVE_S[name]))
+                runner.run(name, section_function(name), budget, selected=not chosen or name in chosen,
+                           cuda_only=cuda_only, has_cuda=has_cuda, needs=SECTION_NEEDS[name])
+            runner.write()
+        finally:
+            runner.close()
     statuses = [v["status"] for v in runner.results["sections"].values()]
     failed = [s for s in statuses if s.startswith("failed")]
     print(f"[gpu-check] wrote {a.out / 'gpu_check.json'} and {a.out / 'gpu_check.md'}: "

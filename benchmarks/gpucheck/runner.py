@@ -77,8 +77,9 @@ class Section:
 
 class Runner:
     def __init__(self, out_dir: Path, budget_s: float, options: Any,
-                 write: Callable[[Path, dict[str, Any]], None]) -> None:
+                 write: Callable[[Path, dict[str, Any]], None], min_start_s: float = MIN_START_S) -> None:
         self.out_dir = out_dir
+        self.min_start_s = min_start_s
         self.options = options
         self.t0 = time.monotonic()
         self.deadline = self.t0 + budget_s
@@ -87,8 +88,14 @@ class Runner:
         self._lock = threading.Lock()
         self._current: str | None = None
         self.results: dict[str, Any] = {"meta": {"budget_s": budget_s}, "sections": {}}
+        self._closed = threading.Event()
         self._watchdog = threading.Thread(target=self._watch, daemon=True)
         self._watchdog.start()
+
+    def close(self) -> None:
+        """Stop the watchdog (the run is over; a process that goes on must not be ended by it)."""
+        self._closed.set()
+        self._watchdog.join(timeout=5)
 
     # -- files ----------------------------------------------------------------------------------
     def write(self) -> None:
@@ -101,8 +108,7 @@ class Runner:
                 self._write_fn(self.out_dir, json.loads(json.dumps(self.results, default=str)))
 
     def _watch(self) -> None:
-        while True:
-            time.sleep(1.0)
+        while not self._closed.wait(1.0):
             if time.monotonic() > self.deadline + GRACE_S:
                 name = self._current
                 if name is not None:
@@ -127,7 +133,7 @@ class Runner:
             reason = "skipped: no CUDA"
         elif (miss := missing_modules(needs)):
             reason = f"skipped: needs {', '.join(miss)} (not installed here)"
-        elif left < MIN_START_S:
+        elif left < self.min_start_s:
             reason = f"skipped: overall budget spent ({self.budget_s:.0f} s)"
         if reason is not None:
             rec = {"status": reason, "seconds": 0.0, "budget_s": budget_s, "data": {}}
