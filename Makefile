@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 STAMP := .venv/.installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench gpu-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -21,6 +21,13 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	for f in benchmarks/*.py; do $(PY) $$f || exit 1; done
+
+# GPU readiness check (docs/gpu.md). No install step: it runs with a python that already has torch (a lent
+# GPU machine reaches no registry). Here: make gpu-check GPU_CHECK_PY=$(PY) GPU_CHECK_ARGS="--device cpu --quick"
+GPU_CHECK_PY ?= python3
+GPU_CHECK_OUT ?= reports/_tmp/gpu-check
+gpu-check:
+	PYTHONPATH=. $(GPU_CHECK_PY) benchmarks/gpu_check.py --out $(GPU_CHECK_OUT) $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf runs results cache reports/_tmp
