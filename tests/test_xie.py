@@ -393,3 +393,29 @@ def test_imagenet_entries_carry_the_papers_pipeline():
         assert eb.data.batch_size == b and eb.train.optimizer.lr == pytest.approx(0.1 * b / 256)
     for d in (200, 338, 518, 638):  # Figure 7 / Table 7
         assert load_entry(f"xie_resnet{d}_r0_star").model.options["depth"] == d
+
+
+def test_cifar_variant_follows_the_reference_cifar10_script():
+    e = load_entry("xie_cifar10_resnet20_r0")
+    p, o = e.method_params, e.train.optimizer
+    a = training_attack_options(p)
+    assert (a.targeted, a.steps, a.clean_prob) == ("none", 10, 0.0)
+    assert a.step_size == pytest.approx(2 / 255) and p.adv_eps == pytest.approx(8 / 255)
+    assert (o.lr, o.weight_decay, o.nesterov, p.weight_decay_params, p.label_smoothing) == (0.1, 2e-4, False, "all", 0.0)
+    assert (e.train.epochs, e.train.schedule.milestones, e.data.batch_size) == (200, [100, 150], 128)
+
+
+def test_untargeted_option_ascends_the_true_label_ce():
+    entry = load_entry("demo_xie_r0", TINY + ["train.params.adv_target=none", "train.params.adv_steps=3",
+                                              "train.params.adv_clean_start_prob=1.0"])
+    ctx = _ctx(entry)
+    m = _method(entry, ctx)
+    x, y = _batch(16)
+    net = ctx.members[0]
+    x_adv = m.craft(net, x, y, None, mbn=False)
+    with torch.no_grad():
+        net.eval()
+        assert F.cross_entropy(net(x_adv), y) > F.cross_entropy(net(x), y)
+    net.train()
+    logs = m.step(ctx, Batch(x, y))
+    assert "attack_success" not in logs and math.isfinite(logs["loss"])

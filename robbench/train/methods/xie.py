@@ -81,6 +81,9 @@ class XieOptions:
     adv_step_rule: Literal["given", "max_eps_over_steps"] = opt(
         "given", help="'given': adv_step as set (paper); 'max_eps_over_steps': max(adv_step, adv_eps / N) "
                       "(adv_model.py PGDAttacker)")
+    adv_target: Literal["random", "none"] = opt(
+        "random", help="'random': targeted towards (y + U{1..C-1}) mod C (paper §3, adv_model.py); 'none': "
+                       "untargeted CE ascent (the reference's cifar10.py PGDAttacker)")
     adv_clean_start_prob: float = opt(0.2, min=0.0, max=1.0, help="P(start at the clean image), one draw per "
                                                                   "batch (paper §3: 0.2; main.py prob_start_from_clean)")
     attack_bn_mode: BNMode = opt("eval", help="BatchNorm mode while attacking (adv_model.py: eval, statistics frozen)")
@@ -124,7 +127,7 @@ def training_attack_options(o: XieOptions) -> "PGDOptions":
 
     step = max(o.adv_step, o.adv_eps / o.adv_steps) if o.adv_step_rule == "max_eps_over_steps" else o.adv_step
     return PGDOptions(norm="linf", loss="ce", steps=o.adv_steps, step_size=step, restarts=1,
-                      init="clean_or_uniform", clean_prob=o.adv_clean_start_prob, targeted="random",
+                      init="clean_or_uniform", clean_prob=o.adv_clean_start_prob, targeted=o.adv_target,
                       keep="last", early_stop=False)
 
 
@@ -180,9 +183,10 @@ class Xie(Method):
         k = self.options.running_stats_last_epochs
         return k > 0 and ctx.epoch >= ctx.entry.train.epochs - k
 
-    def craft(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor, targets: torch.Tensor,
+    def craft(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor, targets: torch.Tensor | None,
               mbn: bool) -> torch.Tensor:
-        """The training attack on ``net`` (BN in ``attack_bn_mode``; MBN on ``attack_route``)."""
+        """The training attack on ``net`` (BN in ``attack_bn_mode``; MBN on ``attack_route``); ``targets``
+        None = untargeted."""
         o = self.options
         route = bn_route(net, o.attack_route) if mbn else contextlib.nullcontext()
         with module_mode(net, o.attack_bn_mode), route:
@@ -207,7 +211,7 @@ class Xie(Method):
             logs["clean_ce"] = float(loss.detach())
             logs["train_acc"] = float((z.argmax(1) == y).float().mean())
             return loss, {"loss": float(loss.detach()), **logs}
-        targets = random_wrong_targets(y, ctx.num_classes)
+        targets = random_wrong_targets(y, ctx.num_classes) if o.adv_target == "random" else None
         x_adv = self.craft(net, x, y, targets, mbn)
         x_c, y_c = x[:k], y[:k]
         with frozen:
@@ -237,7 +241,8 @@ class Xie(Method):
             logs["adv_ce"] = float(F.cross_entropy(z_adv, y))
             pred = z_adv.argmax(1)
             logs["adv_train_acc"] = float((pred == y).float().mean())
-            logs["attack_success"] = float((pred == targets).float().mean())  # adv_model.py attack_success
+            if targets is not None:
+                logs["attack_success"] = float((pred == targets).float().mean())  # adv_model.py attack_success
             if k:
                 logs["clean_ce"] = float(F.cross_entropy(z_c, y_c))
         return loss, {"loss": float(loss.detach()), **logs}
