@@ -19,6 +19,7 @@ def runs(tmp_path, monkeypatch):
     return tmp_path
 
 
+@pytest.mark.slow  # 6 training runs: 231 s measured with the machine at load 11 (2 cores)
 def test_pool_to_team(runs):
     kw = dict(runs_dir=runs, progress=False, device="cpu")
     with pytest.raises(UserError, match="robbench train zoo/demo_eed_at"):
