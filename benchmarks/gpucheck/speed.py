@@ -104,26 +104,34 @@ def _measure_method(name: str, o: Any, deadline: float) -> dict[str, Any]:
     """The first of the method's entries (up to MAX_TRIES) whose step runs; the others' errors are kept."""
     from gpucheck.runner import traceback_tail
 
+    from robbench.errors import UserError
+
     tried: list[str] = []
+    unmet: list[str] = []  # user-level preconditions (a run or selection to do first): not a bug
     for k in range(MAX_TRIES):
+        label = (fx.representative_entries(name)[k:k + 1] or [name])[0]
         try:
             entry, source = method_entry(name, o.geometry, o.batch, skip=k)
             if entry is None:
                 break
             rec = measure_step(entry, o.device, reps=o.reps, deadline=deadline)
+        except UserError as e:
+            unmet.append(f"{label}: {str(e).splitlines()[0]}")
+            continue
         except Exception as e:  # one entry's failure is its row's, not the table's
-            tried.append(f"{fx.representative_entries(name)[k] if k < len(fx.representative_entries(name)) else name}: "
-                         + traceback_tail(e, 4))
+            tried.append(f"{label}: " + traceback_tail(e, 4))
             if time.monotonic() > deadline:
                 break
             continue
         rec.update({"status": "ok", "entry": source, "model": fx.describe_model(entry), "train_key": train_key(entry)})
-        if tried:
-            rec["entries_that_failed"] = tried
+        if tried or unmet:
+            rec["entries_that_failed"] = tried + unmet
         return rec
-    if not tried:
-        return {"status": "skipped: no zoo entry uses it and none could be built"}
-    return {"status": "failed: " + tried[0], "entries_that_failed": tried}
+    if tried:
+        return {"status": "failed: " + tried[0], "entries_that_failed": tried + unmet}
+    if unmet:
+        return {"status": "skipped: " + unmet[0], "entries_that_failed": unmet}
+    return {"status": "skipped: no zoo entry uses it and none could be built"}
 
 
 # ---------------------------------------------------------------------------------------------- keys
