@@ -47,14 +47,14 @@ PAPER_TIMES: list[dict[str, Any]] = [
 PAPER_RATIOS: list[dict[str, Any]] = [
     {"paper": "eio", "what": "EIO training time / AdvT training time", "ratio": 2.5, "numerator": "eio_resnet20",
      "denominator": "advt_resnet20_x3",
-     "citation": "Ensemble-in-One (ICLR submission) §5 and Fig. 7 (right), NVIDIA GeForce RTX 2080 Ti: 'the training "
+     "citation": "Ensemble-in-One (ICLR submission) appendix A.3 and Fig. 7 (right), NVIDIA GeForce RTX 2080 Ti: 'the training "
                  "time cost of an EIO network is approximately 2.5x than AdvT'"},
 ]
 PAPER_HARDWARE: list[dict[str, str]] = [
     {"paper": "eed", "text": "no training time stated; 'Each experiment is run on an NVIDIA RTX A6000 GPU with 8 CPU "
                              "cores' (EED, CVPR 2025, §5.1 'Training')"},
-    {"paper": "xie", "text": "no training time stated; 'ours uses 128 GPUs' for ImageNet adversarial training, 110 "
-                             "epochs (Xie & Yuille, ICLR 2020, §3 and appendix)"},
+    {"paper": "xie", "text": "no training time stated; 110 epochs (Xie & Yuille, ICLR 2020, §3) on 'ours uses 128 "
+                             "GPUs' (appendix A, ImageNet adversarial training)"},
 ]
 
 # AutoAttack gradient counts per sample (fra31/auto-attack autoattack.py set_version): APGD and FAB run
