@@ -232,8 +232,11 @@ def test_cpu_quick_run_of_a_subset(tmp_path: Path) -> None:
     assert v["data"]["dverge_step"]["update_rel_error"] <= 5e-2
     pgd = s["pgd_whitebox"]
     assert pgd["status"] == "ok", pgd["status"]
-    # tiny: 8 samples, one eps, PGD cut to 3 steps x 2 restarts, 3 members
-    assert pgd["data"]["grad_member_images"] == 8 * 1 * 3 * 2 * 3
-    assert pgd["data"]["run_ids"] == {"dverge_resnet20_x3": 1}
+    from robbench.evaluate.protocol import load_protocol
+
+    a = load_protocol("dverge-whitebox").attacks[0].params_parsed
+    # tiny: 8 samples, one eps, the protocol's PGD cut to at most 3 steps x 2 restarts, 3 members
+    assert pgd["data"]["grad_member_images"] == 8 * 1 * min(a.steps, 3) * min(a.restarts, 2) * 3
+    assert list(pgd["data"]["run_ids"]) == ["dverge_resnet20_x3"]  # the engine evaluated the run
     md = (out / "gpu_check.md").read_text()
     assert "QUICK mode" in md and "vmap vs loop" in md
