@@ -46,6 +46,7 @@ MANIFEST = "manifest.json"
 TRAIN_STATE = "train_state.pt"
 LOG = "log.jsonl"
 MANIFEST_FORMAT = "robbench-run/1"
+STALE_MARK = ".stale-"  # a run moved aside by `train --fresh`: <entry>.stale-<UTC time>
 STATUSES = ("training", "complete")
 
 
@@ -298,7 +299,7 @@ def check_state_dict(model: "nn.Module", tensors: Mapping[str, torch.Tensor], fi
         parts.append(f"shape mismatch {few(shapes)}")
     if parts:
         raise CheckpointError("weights do not fit the architecture in the manifest: " + "; ".join(parts),
-                              file=file)
+                              file=file, reason="checkpoint-architecture")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -353,7 +354,7 @@ class RunDir:
         f = self.manifest_path
         if not f.is_file():
             raise CheckpointError(f"no trained run for {self.name!r}; train it with: robbench train zoo/{self.name}",
-                                  file=str(f))
+                                  file=str(f), reason="checkpoint-missing")
         try:
             m = json.loads(f.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -400,11 +401,11 @@ class RunDir:
     def move_aside(self) -> Path:
         """Rename this run to ``<entry>.stale-<UTC time>`` (kept, never deleted); returns the new path."""
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        dest = self.path.with_name(f"{self.path.name}.stale-{stamp}")
+        dest = self.path.with_name(f"{self.path.name}{STALE_MARK}{stamp}")
         n = 1
         while dest.exists():
             n += 1
-            dest = self.path.with_name(f"{self.path.name}.stale-{stamp}-{n}")
+            dest = self.path.with_name(f"{self.path.name}{STALE_MARK}{stamp}-{n}")
         os.replace(self.path, dest)
         return dest
 
@@ -445,11 +446,11 @@ class RunDir:
                 if name == TRAIN_STATE and names is None:
                     continue
                 raise CheckpointError(f"missing (the manifest records it); retrain with: robbench train "
-                                      f"zoo/{self.name}", file=str(f))
+                                      f"zoo/{self.name}", file=str(f), reason="checkpoint-missing")
             got = file_sha256(f)
             if got != files[name]:
                 raise CheckpointError(f"sha256 mismatch (file {got[:12]}…, manifest {files[name][:12]}…): "
-                                      "corrupt or modified after training", file=str(f))
+                                      "corrupt or modified after training", file=str(f), reason="checkpoint-hash")
         return m
 
     # -- weights -------------------------------------------------------------------------------
@@ -536,8 +537,21 @@ def checkpoint_sha256(run: "RunDir | str | Path") -> str:
     m = rd.read_manifest()
     if WEIGHTS not in m["files"]:
         raise CheckpointError(f"no final weights yet; finish training with: robbench train zoo/{rd.name}",
-                              file=str(rd.weights_path))
+                              file=str(rd.weights_path), reason="checkpoint-incomplete")
     return m["files"][WEIGHTS]
+
+
+def weights_sha256(manifest: Mapping[str, Any]) -> str | None:
+    """The sha256 a manifest records for the final weights (None before training saved them)."""
+    return manifest.get("files", {}).get(WEIGHTS)
+
+
+def run_dirs(root: str | Path | None) -> list[RunDir]:
+    """Every run directory under ``root`` that has a manifest, by name; runs moved aside by
+    ``train --fresh`` (``<name>.stale-<time>``) are kept on disk but not listed."""
+    base = Path(root) if root is not None else default_runs_dir()
+    return [RunDir(base, mf.parent.name) for mf in sorted(base.glob(f"*/{MANIFEST}"))
+            if STALE_MARK not in mf.parent.name]
 
 
 def entry_from_manifest(manifest: Mapping[str, Any], file: str) -> "ZooEntry":
@@ -577,10 +591,10 @@ def load_trained(entry_or_name: "str | ZooEntry", runs_dir: str | Path | None = 
     if require_complete and m["status"] != "complete":
         raise CheckpointError(f"training is not complete (epoch {m.get('epochs_done', '?')} of "
                               f"{m.get('epochs', '?')}); resume it with: robbench train zoo/{name}",
-                              file=str(run.manifest_path), field="status")
+                              file=str(run.manifest_path), field="status", reason="checkpoint-incomplete")
     if WEIGHTS not in m["files"]:
         raise CheckpointError(f"no weights saved yet; train it with: robbench train zoo/{name}",
-                              file=str(run.weights_path))
+                              file=str(run.weights_path), reason="checkpoint-incomplete")
     run.verify(manifest=m)
     entry = entry_from_manifest(m, str(run.manifest_path))
     if not isinstance(entry_or_name, str) and entry_or_name.sha256() != m["entry_sha256"]:

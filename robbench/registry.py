@@ -17,18 +17,29 @@ class Registry(Generic[T]):
         self.kind = kind
         self._items: dict[str, T] = {}
         self._params: dict[str, type | None] = {}
+        self._capabilities: dict[str, Callable[[Any], Any] | None] = {}
 
-    def register(self, name: str, *, params: type | None = None) -> Callable[[T], T]:
-        """Register ``obj`` under ``name``; ``params`` is an optional dataclass describing its options."""
+    def register(self, name: str, *, params: type | None = None,
+                 capabilities: Callable[[Any], Any] | None = None) -> Callable[[T], T]:
+        """Register ``obj`` under ``name``; ``params`` is an optional dataclass describing its options;
+        ``capabilities`` maps those options to what the part supports (attacks:
+        :class:`robbench.attacks.capabilities.Capabilities`)."""
 
         def deco(obj: T) -> T:
             if name in self._items:
                 raise ValueError(f"duplicate {self.kind} name {name!r}")
             self._items[name] = obj
             self._params[name] = params
+            self._capabilities[name] = capabilities
             return obj
 
         return deco
+
+    def capabilities(self, name: str, options: Any) -> Any:
+        """What part ``name`` declares it supports with ``options`` (None when it declares nothing)."""
+        self.get(name)
+        fn = self._capabilities[name]
+        return fn(options) if fn is not None else None
 
     def get(self, name: str, *, file: str | None = None, field: str | None = None) -> T:
         _ensure_loaded()

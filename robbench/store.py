@@ -4,16 +4,22 @@ Tables (schema version in ``meta``):
 - ``runs``: one evaluation of one checkpoint under one protocol (identity: entry, checkpoint hash,
   protocol, protocol hash, overrides JSON, seed), with versions, times, status
   ``running|done|failed|superseded`` and a JSON ``meta``.
-- ``outcomes``: per (run, attack id, eps, sample, member) whether the prediction was correct, and an
-  optional margin. ``member`` -1 is the whole model, j is member j. Clean accuracy is attack ``clean``
-  at eps 0; curves use ids like ``pgd@steps=100``; transferability ``pgd@source_member=i``.
-- ``batches``: the keys of committed batches. A batch's outcomes and its key commit in ONE
-  transaction, so a killed writer loses at most the batch in flight and a resume skips done keys.
+  ``role`` is ``target`` (the evaluated entry) or ``source`` (a transfer source's accuracy on its own sets).
+- ``outcomes``: per (run, :class:`~robbench.outcomes.OutcomeKey` columns ``attack, source,
+  source_member, steps``, eps, sample, member) whether the prediction was correct, and an optional
+  margin. ``member`` -1 is the whole model, j is member j. Clean accuracy is attack ``clean`` at eps 0.
+- ``batches``: the :class:`~robbench.outcomes.BatchKey` columns of committed batches. A batch's outcomes
+  and its key commit in ONE transaction, so a killed writer loses at most the batch in flight and a
+  resume skips done keys.
 - ``run_meta``: per-run JSON extras (AutoAttack check warnings, EOT draws, failure reasons).
 
 WAL mode lets readers (reports) work while one process writes; a busy timeout makes writers wait
 instead of failing. ``synchronous=FULL``: a commit per batch is rare enough that durability against
 power loss costs nothing measurable.
+
+A version-1 store (attack ids carrying ``@source=``/``@source_member=``/``@steps=`` suffixes, batch keys
+``<id>|b<N>``, protocols ``<name>:source``) is migrated to these columns when opened
+(:mod:`robbench.store_migrate`).
 
 The query helpers at the bottom work on the DataFrames :meth:`Store.outcomes` returns.
 """
@@ -21,7 +27,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import re
 import sqlite3
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -30,11 +35,13 @@ import numpy as np
 import pandas as pd
 
 from robbench.errors import UserError
+from robbench.outcomes import BATCH_COLUMNS, KEY_COLUMNS, ROLES, BatchKey, OutcomeKey
 from robbench.paths import results_db
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 RUN_STATUSES = ("running", "done", "failed", "superseded")
-OUTCOME_COLUMNS = ["run_id", "attack", "eps", "sample", "member", "correct", "margin"]
+OUTCOME_COLUMNS = ["run_id", *KEY_COLUMNS, "eps", "sample", "member", "correct", "margin"]
+Row = tuple[OutcomeKey, float, int, int, Any, "float | None"]  # (key, eps, sample, member, correct, margin)
 BUSY_TIMEOUT_S = 60.0
 
 _SCHEMA = f"""
@@ -54,26 +61,34 @@ CREATE TABLE IF NOT EXISTS runs (
     started           TEXT NOT NULL,
     finished          TEXT,
     status            TEXT NOT NULL CHECK (status IN ({", ".join(repr(s) for s in RUN_STATUSES)})),
-    meta              TEXT NOT NULL DEFAULT '{{}}'
+    meta              TEXT NOT NULL DEFAULT '{{}}',
+    role              TEXT NOT NULL DEFAULT 'target' CHECK (role IN ({", ".join(repr(r) for r in ROLES)}))
 );
 CREATE INDEX IF NOT EXISTS runs_identity ON runs (entry, protocol, checkpoint_sha256);
 CREATE TABLE IF NOT EXISTS outcomes (
-    run_id  INTEGER NOT NULL REFERENCES runs (run_id),
-    attack  TEXT    NOT NULL,
-    eps     REAL    NOT NULL,
-    sample  INTEGER NOT NULL,
-    member  INTEGER NOT NULL DEFAULT -1,
-    correct INTEGER NOT NULL CHECK (correct IN (0, 1)),
-    margin  REAL,
-    PRIMARY KEY (run_id, attack, eps, sample, member)
+    run_id        INTEGER NOT NULL REFERENCES runs (run_id),
+    attack        TEXT    NOT NULL,
+    source        TEXT    NOT NULL DEFAULT '',
+    source_member INTEGER NOT NULL DEFAULT -1,
+    steps         INTEGER NOT NULL DEFAULT -1,
+    eps           REAL    NOT NULL,
+    sample        INTEGER NOT NULL,
+    member        INTEGER NOT NULL DEFAULT -1,
+    correct       INTEGER NOT NULL CHECK (correct IN (0, 1)),
+    margin        REAL,
+    PRIMARY KEY (run_id, attack, source, source_member, steps, eps, sample, member)
 ) WITHOUT ROWID;
 -- no extra index: the WITHOUT ROWID primary key is already clustered on (run_id, attack, eps, ...);
 -- a separate index doubled the file (7.5 -> 14.4 MB for one dverge-blackbox target) with no measured gain
 CREATE TABLE IF NOT EXISTS batches (
-    run_id       INTEGER NOT NULL REFERENCES runs (run_id),
-    batch_key    TEXT    NOT NULL,
-    committed_at TEXT    NOT NULL,
-    PRIMARY KEY (run_id, batch_key)
+    run_id        INTEGER NOT NULL REFERENCES runs (run_id),
+    attack        TEXT    NOT NULL,
+    source        TEXT    NOT NULL DEFAULT '',
+    source_member INTEGER NOT NULL DEFAULT -1,
+    batch         INTEGER NOT NULL DEFAULT -1,
+    eps           REAL    NOT NULL DEFAULT -1.0,
+    committed_at  TEXT    NOT NULL,
+    PRIMARY KEY (run_id, attack, source, source_member, batch, eps)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS run_meta (
     run_id INTEGER NOT NULL REFERENCES runs (run_id),
@@ -82,6 +97,17 @@ CREATE TABLE IF NOT EXISTS run_meta (
     PRIMARY KEY (run_id, key)
 ) WITHOUT ROWID;
 """
+
+
+def _tables() -> dict[str, str]:
+    """The CREATE TABLE statement of each table, by name (what a migration rebuilds)."""
+    out = {}
+    for stmt in _SCHEMA.split(";"):
+        stmt = "\n".join(line for line in stmt.splitlines() if not line.lstrip().startswith("--"))
+        words = stmt.split()
+        if words[:5] == ["CREATE", "TABLE", "IF", "NOT", "EXISTS"]:
+            out[words[5]] = stmt
+    return out
 
 
 def _now() -> str:
@@ -112,13 +138,14 @@ class Store:
             self._init_schema()
         except sqlite3.OperationalError as e:
             self.conn.close()
-            if "locked" in str(e) or "busy" in str(e):
+            if getattr(e, "sqlite_errorname", "") in ("SQLITE_BUSY", "SQLITE_LOCKED"):
                 raise UserError(f"locked by another process for over {BUSY_TIMEOUT_S:.0f} s ({e})",
-                                file=str(self.path)) from None
-            raise UserError(f"cannot open the results store ({e})", file=str(self.path)) from None
+                                file=str(self.path), reason="store-locked") from None
+            raise UserError(f"cannot open the results store ({e})", file=str(self.path), reason="store") from None
         except sqlite3.DatabaseError as e:
             self.conn.close()
-            raise UserError(f"not a robbench results store ({e}); pass another --db", file=str(self.path)) from None
+            raise UserError(f"not a robbench results store ({e}); pass another --db", file=str(self.path),
+                            reason="store") from None
 
     def _read_version(self) -> str | None:
         has_meta = self.conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'").fetchone()
@@ -128,24 +155,27 @@ class Store:
         return None if row is None else row[0]
 
     def _init_schema(self) -> None:
-        # Readers must open while a writer is mid-batch: take the write lock only to create the schema.
+        # Readers must open while a writer is mid-batch: take the write lock only to create or migrate.
         version = self._read_version()
-        if version is not None:
-            if int(version) != SCHEMA_VERSION:
-                raise UserError(f"schema version {version}; this robbench reads version {SCHEMA_VERSION}",
-                                file=str(self.path), field="meta.schema_version")
+        if version is not None and int(version) == SCHEMA_VERSION:
             return
+        if version is not None and int(version) > SCHEMA_VERSION:
+            raise UserError(f"schema version {version}; this robbench reads version {SCHEMA_VERSION}",
+                            file=str(self.path), field="meta.schema_version", reason="store-version")
         with self._tx():
+            version = self._read_version()  # another process may have created or migrated it meanwhile
+            if version is not None and int(version) == SCHEMA_VERSION:
+                return
+            if version is not None:
+                from robbench.store_migrate import migrate
+
+                migrate(self.conn, int(version), SCHEMA_VERSION, file=str(self.path), tables=_tables())
+                return
             # One statement at a time: executescript would commit our transaction first.
             for stmt in _SCHEMA.split(";"):
                 if stmt.strip():
                     self.conn.execute(stmt)
-            row = self.conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-            if row is None:
-                self.conn.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-            elif int(row[0]) != SCHEMA_VERSION:
-                raise UserError(f"schema version {row[0]}; this robbench reads version {SCHEMA_VERSION}",
-                                file=str(self.path), field="meta.schema_version")
+            self.conn.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
 
     # -- plumbing ------------------------------------------------------------------------------
     class _Tx:
@@ -176,29 +206,32 @@ class Store:
 
     # -- runs ----------------------------------------------------------------------------------
     _IDENTITY = ("entry = ? AND checkpoint_sha256 = ? AND protocol = ? AND protocol_sha256 = ? "
-                 "AND overrides = ? AND seed IS ?")
+                 "AND overrides = ? AND seed IS ? AND role = ?")
 
     def find_run(self, entry: str, checkpoint_sha256: str, protocol: str, protocol_sha256: str,
-                 overrides: Any = None, seed: int | None = None) -> int | None:
+                 overrides: Any = None, seed: int | None = None, role: str = "target") -> int | None:
         """The newest non-superseded run with this identity, or None."""
         row = self.conn.execute(
             f"SELECT run_id FROM runs WHERE {self._IDENTITY} AND status != 'superseded' "
             "ORDER BY run_id DESC LIMIT 1",
-            (entry, checkpoint_sha256, protocol, protocol_sha256, canonical_json(overrides or []), seed),
+            (entry, checkpoint_sha256, protocol, protocol_sha256, canonical_json(overrides or []), seed, role),
         ).fetchone()
         return None if row is None else int(row[0])
 
     def start_run(self, entry: str, checkpoint_sha256: str, protocol: str, protocol_sha256: str,
                   overrides: Any = None, seed: int | None = None, meta: dict[str, Any] | None = None,
-                  force: bool = False, versions: dict[str, Any] | None = None) -> int:
+                  force: bool = False, versions: dict[str, Any] | None = None, role: str = "target") -> int:
         """Return the run to write into. An existing run with the same identity is returned as is
         (running or failed: it resumes, status back to running; done: the caller sees it is done via
-        :meth:`run` and skips it). ``force`` marks it superseded and starts a new one."""
+        :meth:`run` and skips it). ``force`` marks it superseded and starts a new one. ``role``:
+        ``target`` (the evaluated entry) or ``source`` (a transfer source's accuracy on its own sets)."""
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, got {role!r}")
         if versions is None:
             from robbench.checkpoint import library_versions
 
             versions = library_versions()
-        ident = (entry, checkpoint_sha256, protocol, protocol_sha256, canonical_json(overrides or []), seed)
+        ident = (entry, checkpoint_sha256, protocol, protocol_sha256, canonical_json(overrides or []), seed, role)
         with self._tx() as c:
             row = c.execute(f"SELECT run_id, status FROM runs WHERE {self._IDENTITY} AND status != 'superseded' "
                             "ORDER BY run_id DESC LIMIT 1", ident).fetchone()
@@ -209,8 +242,8 @@ class Store:
             if row is not None:
                 c.execute("UPDATE runs SET status = 'superseded' WHERE run_id = ?", (row[0],))
             cur = c.execute(
-                "INSERT INTO runs (entry, checkpoint_sha256, protocol, protocol_sha256, overrides, seed, versions, "
-                "started, status, meta) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'running', ?)",
+                "INSERT INTO runs (entry, checkpoint_sha256, protocol, protocol_sha256, overrides, seed, role, "
+                "versions, started, status, meta) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'running', ?)",
                 (*ident, canonical_json(versions), _now(), canonical_json(meta or {})))
             return int(cur.lastrowid)
 
@@ -251,24 +284,26 @@ class Store:
         return {k: json.loads(v) for k, v in rows}
 
     # -- outcomes ------------------------------------------------------------------------------
-    def write_batch(self, run_id: int, batch_key: str,
-                    rows: Iterable[tuple[str, float, int, int, Any, float | None]]) -> bool:
-        """Commit a batch's outcome rows ``(attack, eps, sample, member, correct, margin|None)`` and its
-        key in one transaction. An already committed key is a no-op (returns False). Rows are
-        converted from numpy/torch scalars; a row colliding with a stored one is an error."""
+    def write_batch(self, run_id: int, batch: BatchKey | str, rows: Iterable[Row]) -> bool:
+        """Commit a batch's outcome rows ``(key, eps, sample, member, correct, margin|None)`` and its
+        key in one transaction (``key``: an :class:`OutcomeKey`, or an attack id for its final result).
+        An already committed batch is a no-op (returns False). Rows are converted from numpy/torch
+        scalars; a row colliding with a stored one is an error."""
+        b = BatchKey.of(batch)
+        bvals = (b.attack, b.source, int(b.source_member), int(b.batch), float(b.eps))
         with self._tx() as c:
-            if c.execute("SELECT 1 FROM batches WHERE run_id = ? AND batch_key = ?", (run_id, batch_key)).fetchone():
+            if c.execute(f"SELECT 1 FROM batches WHERE run_id = ? AND {_BATCH_MATCH}", (run_id, *bvals)).fetchone():
                 return False
             c.executemany(
-                "INSERT INTO outcomes (run_id, attack, eps, sample, member, correct, margin) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                ((run_id, str(a), float(e), int(s), int(m), int(bool(ok)), None if mg is None else float(mg))
-                 for a, e, s, m, ok, mg in rows))
-            c.execute("INSERT INTO batches (run_id, batch_key, committed_at) VALUES (?, ?, ?)",
-                      (run_id, batch_key, _now()))
+                f"INSERT INTO outcomes ({', '.join(OUTCOME_COLUMNS)}) VALUES ({', '.join('?' * len(OUTCOME_COLUMNS))})",
+                (_outcome_values(run_id, *r) for r in rows))
+            c.execute(f"INSERT INTO batches (run_id, {', '.join(BATCH_COLUMNS)}, committed_at) "
+                      f"VALUES (?, {', '.join('?' * len(BATCH_COLUMNS))}, ?)", (run_id, *bvals, _now()))
         return True
 
-    def done_batches(self, run_id: int) -> set[str]:
-        return {r[0] for r in self.conn.execute("SELECT batch_key FROM batches WHERE run_id = ?", (run_id,))}
+    def done_batches(self, run_id: int) -> set[BatchKey]:
+        rows = self.conn.execute(f"SELECT {', '.join(BATCH_COLUMNS)} FROM batches WHERE run_id = ?", (run_id,))
+        return {BatchKey(a, s, int(m), int(b), float(e)) for a, s, m, b, e in rows}
 
     # -- queries -------------------------------------------------------------------------------
     def runs(self, **filters: Any) -> pd.DataFrame:
@@ -281,15 +316,16 @@ class Store:
         return df
 
     def outcomes(self, run_id: int | Sequence[int] | None = None, **filters: Any) -> pd.DataFrame:
-        """Outcome rows (columns run_id, attack, eps, sample, member, correct, margin). Filters: ``attack``,
-        ``eps``, ``sample``, ``member`` on outcomes; ``entry``, ``protocol``, ``status``,
-        ``checkpoint_sha256`` on the run (a list or tuple means any of)."""
+        """Outcome rows (columns :data:`OUTCOME_COLUMNS`). Filters: ``attack``, ``source``,
+        ``source_member``, ``steps``, ``eps``, ``sample``, ``member`` on outcomes; ``entry``, ``protocol``,
+        ``role``, ``status``, ``checkpoint_sha256`` on the run (a list or tuple means any of)."""
         if run_id is not None:
             filters["run_id"] = run_id
         columns = {**{k: f"r.{k}" for k in _RUN_FILTERS}, **{k: f"o.{k}" for k in _OUTCOME_FILTERS}}
         where, params = _where(filters, columns)
-        sql = (f"SELECT o.run_id, o.attack, o.eps, o.sample, o.member, o.correct, o.margin FROM outcomes o "
-               f"JOIN runs r ON r.run_id = o.run_id{where} ORDER BY o.run_id, o.attack, o.eps, o.sample, o.member")
+        order = ", ".join(f"o.{c}" for c in ("run_id", *KEY_COLUMNS, "eps", "sample", "member"))
+        sql = (f"SELECT {', '.join('o.' + c for c in OUTCOME_COLUMNS)} FROM outcomes o "
+               f"JOIN runs r ON r.run_id = o.run_id{where} ORDER BY {order}")
         df = pd.read_sql_query(sql, self.conn, params=params)
         df["margin"] = df["margin"].astype(float)
         return df
@@ -298,8 +334,16 @@ class Store:
         return int(self.conn.execute("SELECT COUNT(*) FROM outcomes WHERE run_id = ?", (run_id,)).fetchone()[0])
 
 
-_OUTCOME_FILTERS = ("run_id", "attack", "eps", "sample", "member")
-_RUN_FILTERS = ("run_id", "entry", "protocol", "status", "checkpoint_sha256", "protocol_sha256", "seed")
+_OUTCOME_FILTERS = ("run_id", *KEY_COLUMNS, "eps", "sample", "member")
+_RUN_FILTERS = ("run_id", "entry", "protocol", "role", "status", "checkpoint_sha256", "protocol_sha256", "seed")
+_BATCH_MATCH = " AND ".join(f"{c} = ?" for c in BATCH_COLUMNS)
+
+
+def _outcome_values(run_id: int, key: OutcomeKey | str, eps: Any, sample: Any, member: Any, correct: Any,
+                    margin: Any) -> tuple[Any, ...]:
+    k = OutcomeKey.of(key)
+    return (run_id, k.attack, k.source, int(k.source_member), int(k.steps), float(eps), int(sample), int(member),
+            int(bool(correct)), None if margin is None else float(margin))
 
 
 def _where(filters: dict[str, Any], columns: dict[str, str]) -> tuple[str, list[Any]]:
@@ -348,14 +392,34 @@ def _with_accuracy(g: pd.DataFrame) -> pd.DataFrame:
     return g
 
 
+def key_columns(df: pd.DataFrame) -> list[str]:
+    """The :class:`OutcomeKey` columns ``df`` carries (hand-built frames may hold ``attack`` alone)."""
+    return [c for c in KEY_COLUMNS if c in df.columns]
+
+
+def outcome_keys(df: pd.DataFrame) -> list[OutcomeKey]:
+    """The distinct outcome keys of ``df``, in first-seen order."""
+    cols = key_columns(df)
+    return [OutcomeKey(**dict(zip(cols, t))) for t in df[cols].drop_duplicates().itertuples(index=False, name=None)]
+
+
+def rows_of(df: pd.DataFrame, keys: Iterable[OutcomeKey]) -> pd.Series:
+    """Boolean mask of the rows of ``df`` whose outcome key is one of ``keys``."""
+    cols = key_columns(df)
+    wanted = {tuple(getattr(k, c) for c in cols) for k in keys}
+    if not len(df) or not wanted:
+        return pd.Series(False, index=df.index)
+    return pd.Series(pd.MultiIndex.from_frame(df[cols]).isin(list(wanted)), index=df.index)
+
+
 def all_or_nothing(df: pd.DataFrame, attacks: Sequence[str] | None = None,
                    members: Sequence[int] | None = (-1,)) -> pd.DataFrame:
-    """Per (run_id,) eps and member: the fraction of samples correct under EVERY listed attack
-    (``attacks=None``: every attack present at that eps). Columns: run_id, eps, member, n, correct,
-    accuracy, ci_low, ci_high (Wilson 95%).
+    """Per (run_id,) eps and member: the fraction of samples correct under EVERY outcome key present
+    (``attacks``: only the keys of these attack ids, each of which must have rows). Columns: run_id,
+    eps, member, n, correct, accuracy, ci_low, ci_high (Wilson 95%).
 
-    A sample lacking a row for a listed attack is an error when it would otherwise count as robust
-    (never silently robust). It is accepted when another attack at that eps already fooled it: an
+    A sample lacking a row for a key is an error when it would otherwise count as robust (never
+    silently robust). It is accepted when another attack at that eps already fooled it: an
     early-stopping engine may skip the rest, and the result is the same."""
     d = df
     if members is not None:
@@ -363,77 +427,67 @@ def all_or_nothing(df: pd.DataFrame, attacks: Sequence[str] | None = None,
     if attacks is not None:
         d = d[d["attack"].isin(list(attacks))]
     keys = _keys(d, "eps", "member")
+    kc = key_columns(d)
     out_cols = keys + ["n", "correct", "accuracy", "ci_low", "ci_high"]
     if d.empty:
         if attacks is not None and len(df):
             raise ValueError(f"no outcome rows for attacks {list(attacks)} and members {members}")
         return pd.DataFrame(columns=out_cols)
-    if attacks is None:
-        expected = d.groupby(keys)["attack"].nunique().rename("expected")
-    else:
-        expected = pd.Series(len(set(attacks)), index=d.groupby(keys).size().index, name="expected")
+    expected = d.drop_duplicates(keys + kc).groupby(keys).size().rename("expected")
+    if attacks is not None:  # a listed attack without any row is missing everywhere
+        expected = expected + len(set(attacks) - set(d["attack"]))
     per = d.groupby(keys + ["sample"]).agg(rows=("attack", "size"), ok=("correct", "min")).reset_index()
-    dup = d.duplicated(keys + ["sample", "attack"])
+    dup = d.duplicated(keys + ["sample"] + kc)
     if dup.any():
-        raise ValueError(f"duplicate outcome rows, e.g. {d[dup].iloc[0][keys + ['sample', 'attack']].to_dict()}")
+        raise ValueError(f"duplicate outcome rows, e.g. {d[dup].iloc[0][keys + ['sample'] + kc].to_dict()}")
     per = per.join(expected, on=keys)
     missing = (per["rows"] < per["expected"]) & (per["ok"] == 1)
     if missing.any():
         bad = per[missing].iloc[0]
-        have = set(d[(d[keys + ["sample"]] == bad[keys + ["sample"]]).all(axis=1)]["attack"])
-        want = set(attacks) if attacks is not None else set(d[(d[keys] == bad[keys]).all(axis=1)]["attack"])
+        have = set(outcome_keys(d[(d[keys + ["sample"]] == bad[keys + ["sample"]]).all(axis=1)]))
+        want = set(outcome_keys(d[(d[keys] == bad[keys]).all(axis=1)]))
+        want |= {OutcomeKey(a) for a in set(attacks or ()) - set(d["attack"])}
         raise ValueError(f"{int(missing.sum())} sample(s) lack attack rows and are not fooled by any other: "
                          f"e.g. sample {int(bad['sample'])} at eps {bad['eps']} member {int(bad['member'])} "
-                         f"misses {sorted(want - have)}")
+                         f"misses {sorted(k.label() for k in want - have)}")
     g = per.groupby(keys).agg(n=("sample", "size"), correct=("ok", "sum")).reset_index()
     return _with_accuracy(g)[out_cols]
 
 
 def per_attack_accuracy(df: pd.DataFrame) -> pd.DataFrame:
-    """Accuracy per (run_id,) attack, eps, member with n and a Wilson 95% interval."""
-    keys = _keys(df, "attack", "eps", "member")
+    """Accuracy per (run_id,) outcome key, eps, member with n and a Wilson 95% interval."""
+    keys = _keys(df, *key_columns(df), "eps", "member")
     g = df.groupby(keys).agg(n=("correct", "size"), correct=("correct", "sum")).reset_index()
     return _with_accuracy(g)
 
 
 def per_member_accuracy(df: pd.DataFrame) -> pd.DataFrame:
-    """Wide table: rows (run_id,) attack, eps; one column per member id (-1 = whole model); accuracy."""
+    """Wide table: rows (run_id,) outcome key, eps; one column per member id (-1 = whole model); accuracy."""
     acc = per_attack_accuracy(df)
-    keys = _keys(df, "attack", "eps")
+    keys = _keys(df, *key_columns(df), "eps")
     wide = acc.pivot_table(index=keys, columns="member", values="accuracy")
     wide.columns.name = "member"
     return wide
 
 
-_SOURCE_RE = re.compile(r"(?:^|[,;&])source_member=(\d+)(?:$|[,;&])")
-
-
-def _source_member(attack: str, prefix: str) -> int | None:
-    if not attack.startswith(prefix + "@"):
-        return None
-    m = _SOURCE_RE.search(attack[len(prefix) + 1:])
-    return None if m is None else int(m.group(1))
-
-
-def transfer_matrix(df: pd.DataFrame, attack_prefix: str, eps: float | None = None,
+def transfer_matrix(df: pd.DataFrame, attack: str, eps: float | None = None,
                     value: str = "accuracy") -> pd.DataFrame:
-    """Within-ensemble transferability: rows = source member i (attack ``<prefix>@source_member=i``),
+    """Within-ensemble transferability: rows = source member i (``attack`` crafted on member i),
     columns = target member 0..N-1 then ``ensemble`` (member -1). ``value``: ``accuracy`` or
     ``success`` (1 - accuracy: on samples every member classifies correctly, the attack success rate
     DVERGE's heatmaps show). Needs a single eps (pass ``eps`` when the rows hold several) and one run."""
     if value not in ("accuracy", "success"):
         raise ValueError("value must be 'accuracy' or 'success'")
-    src = df["attack"].map(lambda a: _source_member(a, attack_prefix))
-    d = df.assign(source=src)[src.notna()]
+    d = df[(df["attack"] == attack) & (df["source_member"] >= 0)] if "source_member" in df.columns else df.iloc[:0]
     if eps is not None:
         d = d[np.isclose(d["eps"], eps)]
     if d.empty:
-        raise ValueError(f"no rows for attack ids '{attack_prefix}@source_member=i'" + (f" at eps {eps}" if eps else ""))
+        raise ValueError(f"no rows of attack {attack!r} crafted on a member" + (f" at eps {eps}" if eps else ""))
     if d["eps"].nunique() > 1:
         raise ValueError(f"rows hold several eps {sorted(d['eps'].unique())}; pass eps=")
     if "run_id" in d.columns and d["run_id"].nunique() > 1:
         raise ValueError("rows hold several runs; select one run")
-    acc = d.groupby(["source", "member"])["correct"].mean().unstack("member")
+    acc = d.groupby(["source_member", "member"])["correct"].mean().unstack("member")
     n_members = int(max(acc.index.max(), max((c for c in acc.columns if c >= 0), default=-1))) + 1
     acc = acc.reindex(index=range(n_members), columns=[*range(n_members), -1])
     acc.index = pd.Index([int(i) for i in acc.index], name="source")
@@ -441,9 +495,9 @@ def transfer_matrix(df: pd.DataFrame, attack_prefix: str, eps: float | None = No
     return 1.0 - acc if value == "success" else acc
 
 
-def latest_runs(store: Store, protocol: str) -> pd.DataFrame:
-    """The newest done run per entry for ``protocol`` (by finish time, then run id)."""
-    df = store.runs(protocol=protocol, status="done")
+def latest_runs(store: Store, protocol: str, role: str = "target") -> pd.DataFrame:
+    """The newest done run per entry for ``protocol`` in ``role`` (by finish time, then run id)."""
+    df = store.runs(protocol=protocol, status="done", role=role)
     if df.empty:
         return df
     df = df.sort_values(["finished", "run_id"])

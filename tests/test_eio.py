@@ -395,18 +395,21 @@ def test_random_path_model_eot_evaluation_is_seeded(monkeypatch):
     depend on the global RNG state before the call (a resumed evaluation must redo a batch exactly)."""
     import dataclasses
 
-    from robbench.evaluate import engine
+    from robbench.evaluate import execute
+    from robbench.evaluate.plan import plan_attacks
     from robbench.evaluate.protocol import load_protocol
     from robbench.models import Ensemble
+    from robbench.models.eot import is_randomized
 
     model = Ensemble([rgn_transform(resnet(), {"path_init": "reinit"})]).eval()
-    assert engine.is_randomized(model)
-    spec = load_protocol("demo-whitebox").attacks[0]
-    spec.params_parsed = dataclasses.replace(spec.params_parsed, steps=3)
+    assert is_randomized(model)
+    proto = load_protocol("demo-whitebox")
+    proto.attacks[0].params_parsed = dataclasses.replace(proto.attacks[0].params_parsed, steps=3)
+    spec = plan_attacks(proto)[0]
     x, y = x_batch(12), torch.arange(12) % 10
     eps = torch.full((12,), 0.1)
     advs: list[torch.Tensor] = []
-    real = engine._make_attack
+    real = execute.make_attack
 
     def recording(*a, **kw):
         attack = real(*a, **kw)
@@ -417,13 +420,13 @@ def test_random_path_model_eot_evaluation_is_seeded(monkeypatch):
             return res
         return run
 
-    monkeypatch.setattr(engine, "_make_attack", recording)
+    monkeypatch.setattr(execute, "make_attack", recording)
     outs = []
     for noise in (1, 2):
         torch.manual_seed(noise)  # whatever state the global RNG is in before the attack
-        outs.append(engine.run_attack(spec, model, x, y, eps, randomized=True, eot_samples=2,
-                                      seed_parts=(0, "t", 0)).fooled)
-    assert len(advs) == 2 * spec.params_parsed.restarts
+        outs.append(execute.run_attack(spec, model, x, y, eps, randomized=True, eot_samples=2,
+                                       seed_parts=(0, "t", 0)).fooled)
+    assert len(advs) == 2 * spec.caps.restarts
     half = len(advs) // 2
     for a, b in zip(advs[:half], advs[half:]):
         torch.testing.assert_close(a, b, rtol=0, atol=0)

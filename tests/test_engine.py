@@ -9,8 +9,11 @@ import pytest
 import torch
 
 from robbench.errors import DataError, UserError
-from robbench.evaluate import engine, transfer
-from robbench.evaluate.aggregations import aggregate
+from robbench.evaluate import engine, execute, sources, transfer
+from robbench.evaluate.aggregations import aggregate, groups_from_record
+from robbench.evaluate.plan import plan_attacks
+from robbench.models.eot import is_randomized
+from robbench.outcomes import BatchKey, OutcomeKey
 from robbench.store import Store
 
 
@@ -113,25 +116,27 @@ def test_resume_after_kill_recomputes_nothing_committed(runs: Path, tmp_path: Pa
     proto = _proto(tmp_path, "wb", WB)
     ref = _ev(proto, ["t_x2"], runs, tmp_path, "ref.db")["t_x2"]
 
-    real = engine.run_attack
+    real = execute.run_attack
     calls: list[int] = []
 
-    def flaky(spec, model, x, y, eps, **kw):
+    def flaky(attack, model, x, y, eps, **kw):
         b = kw["seed_parts"][2]
         calls.append(b)
         if b == 2 and len(calls) > 0 and fail["on"]:
             raise RuntimeError("killed")
-        return real(spec, model, x, y, eps, **kw)
+        return real(attack, model, x, y, eps, **kw)
 
     fail = {"on": True}
-    monkeypatch.setattr(engine, "run_attack", flaky)
+    monkeypatch.setattr(execute, "run_attack", flaky)
     with pytest.raises(RuntimeError, match="killed"):
         _ev(proto, ["t_x2"], runs, tmp_path)
     assert set(calls) == {0, 1, 2}
     with Store(tmp_path / "r.db") as s:
         (run_id,) = s.runs()["run_id"]
         assert s.run(run_id)["status"] == "failed"
-        assert {"pgd|b0", "pgd|b1", "clean|b2"} <= s.done_batches(run_id) and "pgd|b2" not in s.done_batches(run_id)
+        done = s.done_batches(run_id)
+        assert {BatchKey("pgd", batch=0), BatchKey("pgd", batch=1), BatchKey("clean", batch=2)} <= done
+        assert BatchKey("pgd", batch=2) not in done
     calls.clear()
     fail["on"] = False
     again = _ev(proto, ["t_x2"], runs, tmp_path)["t_x2"]
@@ -214,13 +219,13 @@ early_stop = false
 def test_transfer_sets_are_cached_and_checked(runs: Path, tmp_path: Path, monkeypatch):
     proto = _proto(tmp_path, "bb", BB)
     made: list[str] = []
-    real = engine._make_attack
+    real = sources.make_attack
 
-    def counting(spec, params=None):
-        made.append(spec.id)
-        return real(spec, params)
+    def counting(attack, options=None):
+        made.append(attack.id)
+        return real(attack, options)
 
-    monkeypatch.setattr(engine, "_make_attack", counting)
+    monkeypatch.setattr(sources, "make_attack", counting)
     r1 = _ev(proto, ["t_x2"], runs, tmp_path)["t_x2"]
     assert sorted(made) == ["mpgd-0", "mpgd-1"]
     sets = sorted(p for p in (tmp_path / "cache").iterdir() if not p.name.startswith("."))
@@ -229,15 +234,16 @@ def test_transfer_sets_are_cached_and_checked(runs: Path, tmp_path: Path, monkey
     r2 = _ev(proto, ["t_one"], runs, tmp_path)["t_one"]  # a second target reads the same sets
     assert made == []
     df = _rows(tmp_path / "r.db", r2)
-    assert set(df["attack"]) == {"clean", "mpgd-0@source=t_src", "mpgd-1@source=t_src"}
+    assert set(zip(df["attack"], df["source"])) == {("clean", ""), ("mpgd-0", "t_src"), ("mpgd-1", "t_src")}
     assert len(df) == 40 + 2 * 2 * 40
     with Store(tmp_path / "r.db") as s:
         src = s.runs(entry="t_src")
-        assert list(src["protocol"]) == ["bb:source"]  # each source's own accuracy, under the source
+        # each source's own accuracy, under the source, as a run of role 'source'
+        assert list(src["protocol"]) == ["bb"] and list(src["role"]) == ["source"]
         src_rows = s.outcomes(int(src["run_id"][0]))
         assert len(src_rows) == 2 * 2 * 40
-        groups = s.run(r1)["meta"]["and_groups"]
-        assert groups["mpgd-1@source=t_src"] == "mpgd@source=t_src"
+        groups = groups_from_record(s.run(r1)["meta"]["and_groups"])
+        assert groups[OutcomeKey("mpgd-1", "t_src")] == "mpgd@source=t_src"
     # alignment and integrity checks on load
     key = sets[0].name
     ts = transfer.load_set(key, root=tmp_path / "cache")
@@ -325,9 +331,9 @@ def test_record_steps_equal_a_separate_run(runs: Path, tmp_path: Path):
     s = _ev(_proto(tmp_path, "sep", sep.replace('kind = "whitebox"', 'kind = "whitebox"\naggregation = "per_attack"')),
             ["t_one"], runs, tmp_path)["t_one"]
     a, b = _rows(tmp_path / "r.db", r), _rows(tmp_path / "r.db", s)
-    assert set(a["attack"]) == {"clean", "pgd@steps=2", "pgd@steps=6"}
-    six = a[a["attack"] == "pgd@steps=6"].drop(columns="attack").reset_index(drop=True)
-    ref = b[b["attack"] == "pgd"].drop(columns="attack").reset_index(drop=True)
+    assert set(zip(a["attack"], a["steps"])) == {("clean", -1), ("pgd", 2), ("pgd", 6)}
+    six = a[(a["attack"] == "pgd") & (a["steps"] == 6)].drop(columns=["attack", "steps"]).reset_index(drop=True)
+    ref = b[b["attack"] == "pgd"].drop(columns=["attack", "steps"]).reset_index(drop=True)
     pd.testing.assert_frame_equal(six, ref)
 
 
@@ -344,15 +350,15 @@ def test_randomized_model_uses_eot_and_is_seeded(runs: Path, tmp_path: Path, mon
         def forward(self, x):
             return self.inner(x) + 0.5 * torch.randn(x.shape[0], 10)
 
-    real = engine._load
+    real = engine.load_target
 
-    def load(name, runs_dir, device, member=None):
-        t = real(name, runs_dir, device, member)
+    def load(name, runs_dir, device, member=None, memory_format="auto"):
+        t = real(name, runs_dir, device, member, memory_format)
         t.model = Noisy(t.model).eval()
-        t.randomized = engine.is_randomized(t.model)
+        t.randomized = is_randomized(t.model)
         return t
 
-    monkeypatch.setattr(engine, "_load", load)
+    monkeypatch.setattr(engine, "load_target", load)
     text = WB.replace("batch_size = 10", "batch_size = 20\neot_samples = 3")
     r1 = _ev(_proto(tmp_path, "rnd", text), ["t_one"], runs, tmp_path, "a.db")["t_one"]
     r2 = _ev(_proto(tmp_path, "rnd", text), ["t_one"], runs, tmp_path, "b.db")["t_one"]
@@ -477,8 +483,8 @@ def test_whitebox_equals_the_reference_loop_over_several_batches(runs: Path, tmp
 
 
 def test_restart_generators_continue_the_stream():
-    spec = engine.load_protocol("dverge-whitebox").attacks[0]
-    (g0, *_), x_shape = engine.restart_generators(spec, 2 * 12, torch.device("cpu")), (3, 4)
+    attack = plan_attacks(engine.load_protocol("dverge-whitebox"))[0]
+    (g0, *_), x_shape = execute.continued_generators(attack, 2 * 12, torch.device("cpu")), (3, 4)
     torch.manual_seed(0)
     torch.empty(2, *x_shape).uniform_(-1, 1)  # two earlier "batches" of 12 elements
     want = torch.empty(*x_shape).uniform_(-1, 1)

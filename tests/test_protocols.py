@@ -9,8 +9,11 @@ from click.testing import CliRunner
 
 from robbench.config import list_protocols
 from robbench.errors import ConfigError
-from robbench.evaluate.engine import and_groups, select_samples, stored_ids
+from robbench.evaluate.engine import select_samples
+from robbench.evaluate.execute import random_targets
+from robbench.evaluate.plan import and_groups, plan_attacks
 from robbench.evaluate.protocol import load_protocol
+from robbench.outcomes import OutcomeKey
 
 PAPER = ["dverge-blackbox", "dverge-whitebox", "dverge-whitebox-cw", "dverge-transferability",
          "dverge-convergence", "eio-blackbox", "eio-whitebox", "eio-whitebox-cifar100", "eed-suite", "xie-pgd2000", "robustbench-autoattack"]
@@ -20,6 +23,10 @@ DVERGE_EPS = [0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07]
 
 def attack(p, attack_id):
     return next(a for a in p.attacks if a.id == attack_id)
+
+
+def planned(p, attack_id):
+    return next(a for a in plan_attacks(p) if a.id == attack_id)
 
 
 def test_every_protocol_file_loads_and_hashes():
@@ -64,9 +71,9 @@ def test_dverge_blackbox_thirty_versions():
     sgm = [a for a in p.attacks if a.id.startswith("sgm")]
     assert len(sgm) == 2 and all(a.params_parsed.sgm_gamma == 0.2 for a in sgm)
     # eval_bbox.py: the 3 M-PGD restarts are AND-ed -> 18 "sources" (6 M-PGD, 6 M-DI2, 6 SGM)
-    groups = and_groups(p, p.sources)
+    groups = and_groups(plan_attacks(p), p.sources)
     assert len(groups) == 30 and len(set(groups.values())) == 18
-    assert groups["mpgd-ce-2@source=baseline_resnet20_x5_holdout"] == "mpgd-ce@source=baseline_resnet20_x5_holdout"
+    assert groups[OutcomeKey("mpgd-ce-2", "baseline_resnet20_x5_holdout")] == "mpgd-ce@source=baseline_resnet20_x5_holdout"
 
 
 def test_dverge_transferability_and_convergence():
@@ -77,11 +84,11 @@ def test_dverge_transferability_and_convergence():
     c = load_protocol("dverge-convergence")
     wb = attack(c, "pgd-wb")
     assert wb.eps == [0.01] and wb.params_parsed.restarts == 1 and wb.params_parsed.record_steps == [50, 500, 1000]
-    assert [i for _, i in stored_ids(wb)[0]] == ["pgd-wb@steps=50", "pgd-wb@steps=500", "pgd-wb@steps=1000"]
+    assert [k for _, k in planned(c, "pgd-wb").stored()] == [OutcomeKey("pgd-wb", steps=s) for s in (50, 500, 1000)]
     bb = [a for a in c.attacks if c.attack_on(a) == "sources"]
     assert len(bb) == 30 and all(a.eps == [0.03] for a in bb)
     assert sorted({a.params_parsed.steps for a in bb}) == [100, 500, 1000]
-    assert len(set(and_groups(c, c.sources).values())) == 3  # one all-or-nothing column per step count
+    assert len(set(and_groups(plan_attacks(c), c.sources).values())) == 3  # one all-or-nothing column per step count
 
 
 def test_eio_follows_dverge():
@@ -116,13 +123,14 @@ def test_xie_and_robustbench():
     assert p.eps == [pytest.approx(16 / 255)] and q.step_size == pytest.approx(1 / 255) and q.steps == 2000
     assert q.targeted == "random" and q.init == "uniform" and q.restarts == 1
     assert q.record_steps == [10, 20, 50, 100, 200, 500, 1000, 2000]
-    ids, final = stored_ids(a)  # one run stores the whole Figure 2 curve
-    assert [i for _, i in ids][-1] == final == "pgd2000@steps=2000" and len(ids) == 8
+    pa, pa10 = plan_attacks(p)
+    ids, final = pa.stored(), pa.final()  # one run stores the whole Figure 2 curve
+    assert [k for _, k in ids][-1] == final == OutcomeKey("pgd2000", steps=2000) and len(ids) == 8
     # adv_model.py PGDAttacker: step = max(alpha, eps / N) -> PGD-10 steps 1.6 pixels, same targets/init
     q10 = a10.params_parsed
     assert q10.steps == 10 and q10.step_size == pytest.approx(max(1, 16 / 10) / 255)
     assert (q10.targeted, q10.init, q10.seed) == (q.targeted, q.init, q.seed)
-    assert stored_ids(a10)[1] == "pgd10@steps=10"
+    assert pa10.final() == OutcomeKey("pgd10", steps=10)
     r = load_protocol("robustbench-autoattack")
     assert r.kind == "autoattack" and r.eps == [pytest.approx(8 / 255)] and r.datasets == ["cifar10"]
     assert r.attacks[0].params_parsed.version == "standard" and r.samples.selection == "first"
@@ -211,17 +219,15 @@ def test_extends_cycle_and_cli_exit_code(tmp_path: Path):
 
 
 def test_random_targets_are_drawn_per_sample_id():
-    from robbench.evaluate.engine import random_targets
-
-    p = load_protocol("xie-pgd2000")
+    p = plan_attacks(load_protocol("xie-pgd2000"))
     y = torch.arange(100) % 10
     ids = list(range(100, 200))
-    whole = random_targets(p.attacks[0], y, ids, "digits", 0)
+    whole = random_targets(p[0], y, ids, 10, 0)
     assert whole is not None and not (whole == y).any() and ((whole >= 0) & (whole < 10)).all()
-    halves = torch.cat([random_targets(p.attacks[0], y[:50], ids[:50], "digits", 0),
-                        random_targets(p.attacks[0], y[50:], ids[50:], "digits", 0)])
+    halves = torch.cat([random_targets(p[0], y[:50], ids[:50], 10, 0),
+                        random_targets(p[0], y[50:], ids[50:], 10, 0)])
     assert torch.equal(whole, halves)  # independent of the batching
     offsets = (whole - y) % 10
     assert not torch.equal(offsets[:50], offsets[50:])  # not the same offsets in every batch
-    assert torch.equal(random_targets(p.attacks[1], y, ids, "digits", 0), whole)  # pgd10 shares them
-    assert random_targets(load_protocol("dverge-whitebox").attacks[0], y, ids, "digits", 0) is None
+    assert torch.equal(random_targets(p[1], y, ids, 10, 0), whole)  # pgd10 shares them
+    assert random_targets(plan_attacks(load_protocol("dverge-whitebox"))[0], y, ids, 10, 0) is None

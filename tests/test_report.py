@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from robbench.outcomes import OutcomeKey
 from robbench.store import Store
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -62,9 +63,9 @@ title = "Convergence"
 protocol = "dverge-convergence"
 columns = ["white-box eps=0.01 steps=50", "white-box eps=0.01 steps=500", "white-box eps=0.01 steps=1000"]
 [view.measures]
-"white-box eps=0.01 steps=50" = { eps = 0.01, attacks = ["pgd-wb@steps=50"] }
-"white-box eps=0.01 steps=500" = { eps = 0.01, attacks = ["pgd-wb@steps=500"] }
-"white-box eps=0.01 steps=1000" = { eps = 0.01, attacks = ["pgd-wb@steps=1000"] }
+"white-box eps=0.01 steps=50" = { eps = 0.01, attacks = ["pgd-wb"], steps = 50 }
+"white-box eps=0.01 steps=500" = { eps = 0.01, attacks = ["pgd-wb"], steps = 500 }
+"white-box eps=0.01 steps=1000" = { eps = 0.01, attacks = ["pgd-wb"], steps = 1000 }
 [view.rows]
 "DVERGE/3" = "dverge_resnet20_x3"
 
@@ -144,7 +145,7 @@ def build_store(root: Path) -> tuple[Path, Path]:
         for j in [0, 1, 2, -1]:
             rate = 1.0 if i == j else (0.5 if j == -1 else 0.1 * (i + 1))
             for s in range(N):
-                rows.append((f"pgd@source_member={i}", 0.03, s, j, int(s >= round(rate * N)), None))
+                rows.append((OutcomeKey("pgd", source_member=i), 0.03, s, j, int(s >= round(rate * N)), None))
     st.write_batch(rid, "0", rows)
     st.finish_run(rid)
     st.conn.execute("UPDATE runs SET started = ?, finished = ? WHERE run_id = ?",
@@ -154,7 +155,7 @@ def build_store(root: Path) -> tuple[Path, Path]:
                        versions={})
     rows = [("clean", 0.0, s, -1, 1, None) for s in range(N)]
     for steps, k in ((50, 20), (500, 18), (1000, 17)):
-        rows += [(f"pgd-wb@steps={steps}", 0.01, s, -1, int(s < k), None) for s in range(N)]
+        rows += [(OutcomeKey("pgd-wb", steps=steps), 0.01, s, -1, int(s < k), None) for s in range(N)]
     st.write_batch(rid, "0", rows)
     st.finish_run(rid)
     st.conn.execute("UPDATE runs SET started = ?, finished = ? WHERE run_id = ?",

@@ -16,8 +16,11 @@ import pandas as pd
 import pytest
 
 from robbench.errors import UserError
+from robbench.outcomes import BatchKey, OutcomeKey
 from robbench.store import (SCHEMA_VERSION, Store, all_or_nothing, latest_runs, per_attack_accuracy,
                             per_member_accuracy, transfer_matrix, wilson_interval)
+
+FIXTURE_V1 = Path(__file__).parent / "fixtures" / "robbench_v1.db"
 
 IDENT = dict(entry="e1", checkpoint_sha256="c" * 64, protocol="p", protocol_sha256="h" * 64)
 
@@ -37,13 +40,18 @@ def test_schema_wal_meta_and_index(store: Store, tmp_path: Path) -> None:
     tables = {r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     assert {"runs", "outcomes", "batches", "meta", "run_meta"} <= tables
     cols = [r[1] for r in c.execute("PRAGMA table_info(outcomes)")]
-    assert cols == ["run_id", "attack", "eps", "sample", "member", "correct", "margin"]
+    assert cols == ["run_id", "attack", "source", "source_member", "steps", "eps", "sample", "member", "correct",
+                    "margin"]
+    bcols = [r[1] for r in c.execute("PRAGMA table_info(batches)")]
+    assert bcols == ["run_id", "attack", "source", "source_member", "batch", "eps", "committed_at"]
     run_cols = {r[1] for r in c.execute("PRAGMA table_info(runs)")}
     assert {"entry", "checkpoint_sha256", "protocol", "protocol_sha256", "overrides", "seed", "versions",
-            "started", "finished", "status", "meta"} <= run_cols
+            "started", "finished", "status", "meta", "role"} <= run_cols
     plan = " ".join(str(r[-1]) for r in c.execute(
-        "EXPLAIN QUERY PLAN SELECT correct FROM outcomes WHERE run_id = 1 AND attack = 'a' AND eps = 0.1"))
-    assert "PRIMARY KEY" in plan and "run_id=? AND attack=? AND eps=?" in plan  # served by the clustered key
+        "EXPLAIN QUERY PLAN SELECT correct FROM outcomes WHERE run_id = 1 AND attack = 'a' AND source = '' "
+        "AND source_member = -1 AND steps = -1 AND eps = 0.1"))
+    # served by the clustered key, outcome key columns first
+    assert "PRIMARY KEY" in plan and "run_id=? AND attack=? AND source=? AND source_member=? AND steps=? AND eps=?" in plan
     assert int(c.execute("PRAGMA busy_timeout").fetchone()[0]) >= 10_000
 
 
@@ -99,12 +107,13 @@ def test_write_batch_once_and_types(store: Store) -> None:
     assert store.write_batch(r, "b0", rows_for(0)) is True
     # Second write of a committed key is a no-op, even with different rows.
     assert store.write_batch(r, "b0", rows_for(7)) is False
-    assert store.done_batches(r) == {"b0"}
+    assert store.done_batches(r) == {BatchKey("b0")}
     # numpy / bool / None inputs are converted.
     store.write_batch(r, "b1", [("clean", np.float32(0.0), np.int64(9), np.int32(-1), np.bool_(True), None)])
     df = store.outcomes(r)
     assert len(df) == 5
-    assert list(df.columns) == ["run_id", "attack", "eps", "sample", "member", "correct", "margin"]
+    assert list(df.columns) == ["run_id", "attack", "source", "source_member", "steps", "eps", "sample", "member",
+                                "correct", "margin"]
     clean = df[df.attack == "clean"].iloc[0]
     assert clean["correct"] == 1 and math.isnan(clean["margin"]) and clean["sample"] == 9
     assert sorted(df[df.attack == "pgd"]["sample"]) == [0, 1, 2, 3]
@@ -124,7 +133,7 @@ def test_failed_batch_leaves_nothing(store: Store) -> None:
     # A row colliding with a committed one aborts the whole batch too.
     with pytest.raises(sqlite3.IntegrityError):
         store.write_batch(r, "b2", [("pgd", 0.03, 200, -1, 1, None), *rows_for(0)[:1]])
-    assert store.done_batches(r) == {"b0"}
+    assert store.done_batches(r) == {BatchKey("b0")}
     assert store.count_outcomes(r) == 4
     assert set(store.outcomes(r)["sample"]) == {0, 1, 2, 3}
 
@@ -152,9 +161,9 @@ def test_concurrent_reader_while_writer_holds_transaction(tmp_path: Path) -> Non
     r = w.start_run(**IDENT, seed=0)
     w.write_batch(r, "b0", rows_for(0))
     w.conn.execute("BEGIN IMMEDIATE")  # writer mid-transaction
-    w.conn.execute("INSERT INTO batches VALUES (?, 'half', 'now')", (r,))
+    w.conn.execute("INSERT INTO batches VALUES (?, 'half', '', -1, -1, -1.0, 'now')", (r,))
     reader = Store(tmp_path / "r.db")
-    assert reader.done_batches(r) == {"b0"}  # readers see committed data, are not blocked
+    assert reader.done_batches(r) == {BatchKey("b0")}  # readers see committed data, are not blocked
     w.conn.execute("ROLLBACK")
     reader.close()
     w.close()
@@ -176,8 +185,13 @@ def test_wilson_interval() -> None:
 
 
 def df_rows(rows: list[tuple], run_id: int = 1) -> pd.DataFrame:
-    return pd.DataFrame([(run_id, *r) for r in rows],
-                        columns=["run_id", "attack", "eps", "sample", "member", "correct", "margin"])
+    """Rows (key or attack id, eps, sample, member, correct, margin) as Store.outcomes returns them."""
+    out = []
+    for key, *rest in rows:
+        k = OutcomeKey.of(key)
+        out.append((run_id, k.attack, k.source, k.source_member, k.steps, *rest))
+    return pd.DataFrame(out, columns=["run_id", "attack", "source", "source_member", "steps", "eps", "sample",
+                                      "member", "correct", "margin"])
 
 
 def test_all_or_nothing_hand_computed() -> None:
@@ -222,7 +236,7 @@ def test_per_attack_and_per_member() -> None:
     assert pa.set_index("member")["accuracy"].to_dict() == {-1: 0.75, 0: 0.25, 1: 0.5}
     assert (pa["n"] == 4).all()
     pm = per_member_accuracy(df)
-    assert pm.loc[(1, "a", 0.01)].to_dict() == {-1: 0.75, 0: 0.25, 1: 0.5}
+    assert pm.loc[(1, "a", "", -1, -1, 0.01)].to_dict() == {-1: 0.75, 0: 0.25, 1: 0.5}
 
 
 def test_transfer_matrix() -> None:
@@ -233,15 +247,16 @@ def test_transfer_matrix() -> None:
     for i in range(n_members):
         for j in range(n_members + 1):
             member = j if j < n_members else -1
-            rows += [(f"pgd@source_member={i}", 0.03, s, member, int(truth[i, j, s]), None) for s in range(n)]
-    rows += [("pgd", 0.03, s, -1, 1, None) for s in range(n)]  # other attacks are ignored
-    rows += [(f"pgdx@source_member=0", 0.03, s, -1, 0, None) for s in range(n)]  # prefix must match exactly
+            rows += [(OutcomeKey("pgd", source_member=i), 0.03, s, member, int(truth[i, j, s]), None)
+                     for s in range(n)]
+    rows += [("pgd", 0.03, s, -1, 1, None) for s in range(n)]  # not crafted on a member: ignored
+    rows += [(OutcomeKey("pgdx", source_member=0), 0.03, s, -1, 0, None) for s in range(n)]  # another attack
     m = transfer_matrix(df_rows(rows), "pgd")
     assert m.shape == (3, 4) and list(m.columns) == [0, 1, 2, "ensemble"]
     np.testing.assert_allclose(m.to_numpy(), truth.mean(axis=2))
     np.testing.assert_allclose(transfer_matrix(df_rows(rows), "pgd", value="success").to_numpy(),
                                1 - truth.mean(axis=2))
-    two_eps = df_rows(rows + [("pgd@source_member=0", 0.01, 0, 0, 1, None)])
+    two_eps = df_rows(rows + [(OutcomeKey("pgd", source_member=0), 0.01, 0, 0, 1, None)])
     with pytest.raises(ValueError, match="several eps"):
         transfer_matrix(two_eps, "pgd")
     assert transfer_matrix(two_eps, "pgd", eps=0.03).shape == (3, 4)
@@ -306,14 +321,81 @@ def test_crash_safety_sigkill_mid_run(tmp_path: Path) -> None:
     assert run_id is not None and len(reported) >= 6
     s = Store(db)
     done = s.done_batches(run_id)
-    assert set(reported) <= done
+    assert {BatchKey(r) for r in reported} <= done
     assert len(done) <= len(reported) + 1  # at most the batch in flight had committed unreported
     df = s.outcomes(run_id)
     assert len(df) == size * len(done)  # no half-written batch
     per_batch = (df["sample"] // size).value_counts()
-    assert set(per_batch.index) == {int(k[len("batch"):]) for k in done}
+    assert set(per_batch.index) == {int(k.attack[len("batch"):]) for k in done}
     assert (per_batch == size).all()
     # The store is writable after the crash and resumes the same run.
     assert s.start_run("e", "c", "p", "h", seed=0) == run_id
     assert s.write_batch(run_id, "after", [("clean", 0.0, 0, -1, 1, None)])
     s.close()
+
+
+# ------------------------------------------------------------------------------------ migration
+
+def _v1_rows(path: Path) -> tuple[list[tuple], list[tuple], list[tuple]]:
+    c = sqlite3.connect(path)
+    try:
+        return (c.execute("SELECT run_id, attack, eps, sample, member, correct, margin FROM outcomes").fetchall(),
+                c.execute("SELECT run_id, batch_key FROM batches").fetchall(),
+                c.execute("SELECT run_id, protocol, status FROM runs ORDER BY run_id").fetchall())
+    finally:
+        c.close()
+
+
+def test_version_1_store_written_by_the_old_engine_is_migrated_on_open(tmp_path: Path) -> None:
+    """tests/fixtures/robbench_v1.db was written by the engine before outcome keys became columns (see
+    tests/fixtures/README.md): every grammar it used (@source=, @source_member=, @steps=, |b<N>, |eps=,
+    ':source' protocols) must land in the right columns, and nothing may be lost."""
+    db = tmp_path / "old.db"
+    db.write_bytes(FIXTURE_V1.read_bytes())
+    old_rows, old_batches, old_runs = _v1_rows(db)
+    with Store(db) as s:
+        assert s.schema_version() == SCHEMA_VERSION == 2
+        runs = s.runs()
+        assert list(zip(runs["protocol"], runs["role"], runs["status"])) == [
+            ("fx-wb", "target", "done"), ("fx-bb", "target", "done"), ("fx-bb", "source", "done"),
+            ("fx-tr", "target", "done"), ("fx-killed", "target", "failed")]
+        df = s.outcomes()
+        assert len(df) == len(old_rows)
+        keys = set(map(tuple, df[["run_id", "attack", "source", "source_member", "steps"]].drop_duplicates()
+                       .itertuples(index=False, name=None)))
+        assert keys == {
+            (1, "clean", "", -1, -1), (1, "pgd", "", -1, 1), (1, "pgd", "", -1, 3),
+            (2, "clean", "", -1, -1), (2, "mpgd-0", "t_src", -1, -1), (2, "mpgd-1", "t_src", -1, -1),
+            (3, "mpgd-0", "", -1, -1), (3, "mpgd-1", "", -1, -1),
+            (4, "clean", "", -1, -1), (4, "pgd", "", 0, -1), (4, "pgd", "", 1, -1),
+            (5, "clean", "", -1, -1), (5, "pgd", "", -1, 1), (5, "pgd", "", -1, 3)}
+        # the same outcomes, row for row, with the old id's parts in columns
+        old = sorted((r, a.split("@")[0], e, smp, m, c) for r, a, e, smp, m, c, _ in old_rows)
+        new = sorted(df[["run_id", "attack", "eps", "sample", "member", "correct"]].itertuples(index=False, name=None))
+        assert old == new
+        assert s.done_batches(5) == {BatchKey("clean", batch=0), BatchKey("clean", batch=1), BatchKey("pgd", batch=0)}
+        assert BatchKey("mpgd-1", eps=0.1) in s.done_batches(3)
+        assert BatchKey("pgd", source_member=1, batch=0) in s.done_batches(4)
+        assert sum(len(s.done_batches(r)) for r in runs["run_id"]) == len(old_batches)
+        # a migrated killed run resumes: start_run returns it, and the migrated keys are skipped
+        run5 = s.runs(run_id=5).iloc[0]
+        assert s.start_run("t_x2", run5["checkpoint_sha256"], "fx-killed", run5["protocol_sha256"], run5["overrides"],
+                           int(run5["seed"])) == 5
+        assert s.write_batch(5, BatchKey("pgd", batch=0), []) is False
+    with Store(db) as s:  # opening the migrated store again changes nothing
+        assert len(s.outcomes()) == len(old_rows)
+
+
+def test_unmigratable_version_1_store_is_refused_in_one_line(tmp_path: Path) -> None:
+    db = tmp_path / "old.db"
+    db.write_bytes(FIXTURE_V1.read_bytes())
+    c = sqlite3.connect(db)
+    c.execute("UPDATE batches SET batch_key = 'no-separator' WHERE batch_key = (SELECT batch_key FROM batches LIMIT 1)")
+    c.commit()
+    c.close()
+    with pytest.raises(UserError, match="cannot migrate") as e:
+        Store(db)
+    assert e.value.reason == "store-migration"
+    c = sqlite3.connect(db)  # the failed migration rolled back: still version 1, nothing lost
+    assert c.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == "1"
+    c.close()

@@ -2,12 +2,15 @@
 'deepfool' and 'autoattack'. Each registers ``make(params) -> AttackFn`` with an options dataclass;
 ``AttackFn(model, x, y, eps, **core_overrides) -> AttackResult`` (``.x_adv`` for the adversarial images).
 
-``core_overrides`` are passed to :func:`robbench.attacks.core.iterative_attack` for the iterative attacks
-(the engine's batching context: ``tiles``, ``rng``, ``seed``, ``evaluate``, ``keep_restarts``, ...).
+``core_overrides`` are passed to :func:`robbench.attacks.core.iterative_attack` for the iterative attacks.
+Each attack also declares its :class:`~robbench.attacks.capabilities.Capabilities` for given options:
+the evaluation engine asks these (and passes only the settings they declare, as
+:class:`~robbench.attacks.capabilities.AttackCall`) instead of reading the options.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable, Literal
 
@@ -15,6 +18,7 @@ import torch
 from torch import nn
 
 from robbench.attacks.autoattack import AA_ATTACKS, autoattack
+from robbench.attacks.capabilities import Capabilities
 from robbench.attacks.core import AttackResult, iterative_attack
 from robbench.attacks.deepfool import deepfool
 from robbench.attacks.input_transforms import DiverseInput
@@ -45,7 +49,12 @@ class FGSMOptions:
     norm: Literal["linf", "l2"] = opt("linf", help="linf = FGSM (Goodfellow et al. 2015); l2 = fast gradient method")
 
 
-@ATTACKS.register("fgsm", params=FGSMOptions)
+def fgsm_capabilities(p: FGSMOptions) -> Capabilities:
+    # one core step without random start: per-sample eps through the core, nothing to seed
+    return Capabilities(per_sample_eps=True)
+
+
+@ATTACKS.register("fgsm", params=FGSMOptions, capabilities=fgsm_capabilities)
 def make_fgsm(p: FGSMOptions) -> AttackFn:
     """x + eps*sign(grad) clipped to [0, 1] (advertorch GradientSignAttack): one core step, no init."""
     def fgsm(model: Model, x: torch.Tensor, y: torch.Tensor, eps: float | torch.Tensor, **kw: Any) -> AttackResult:
@@ -122,7 +131,17 @@ def sgm_context(model: Model, gamma: float, blocks: str) -> contextlib.AbstractC
     return skip_gradient(model, gamma, blocks=blocks)  # type: ignore[arg-type]
 
 
-@ATTACKS.register("pgd", params=PGDOptions)
+def pgd_capabilities(p: PGDOptions) -> Capabilities:
+    return Capabilities(
+        per_sample_eps=True, restarts=p.restarts, seed=p.seed,
+        for_restart=lambda r: dataclasses.replace(p, restarts=1, seed=p.seed + r),
+        # L-inf uniform start (one uniform value per element) is then the generators' only use
+        stream_init=p.init == "uniform" and p.norm == "linf" and p.di_prob == 0.0,
+        target_seed=p.seed if p.targeted == "random" else None,
+        steps=p.steps, record_steps=tuple(sorted(set(p.record_steps))))
+
+
+@ATTACKS.register("pgd", params=PGDOptions, capabilities=pgd_capabilities)
 def make_pgd(p: PGDOptions) -> AttackFn:
     """PGD (Madry et al.) with the options above; momentum -> MI-FGSM, di_prob -> M-DI2-FGSM,
     sgm_gamma -> SGM, targeted -> Xie & Yuille's targeted PGD, loss cw -> CW-Linf (MAD)."""
@@ -163,7 +182,13 @@ class DeepFoolOptions:
     labels_from: Literal["true", "prediction"] = opt("true", help="original attacks the clean prediction")
 
 
-@ATTACKS.register("deepfool", params=DeepFoolOptions)
+def deepfool_capabilities(p: DeepFoolOptions) -> Capabilities:
+    # deterministic, one eps per call (the success rule compares with one eps); its steps are a budget,
+    # not a reported curve
+    return Capabilities()
+
+
+@ATTACKS.register("deepfool", params=DeepFoolOptions, capabilities=deepfool_capabilities)
 def make_deepfool(p: DeepFoolOptions) -> AttackFn:
     def attack(model: Model, x: torch.Tensor, y: torch.Tensor, eps: float | torch.Tensor, **kw: Any) -> AttackResult:
         r = deepfool(model, x, y, steps=p.steps, overshoot=p.overshoot, candidates=p.candidates,
@@ -217,7 +242,12 @@ class AutoAttackOptions:
                               file=file, field="attacks")
 
 
-@ATTACKS.register("autoattack", params=AutoAttackOptions)
+def autoattack_capabilities(p: AutoAttackOptions) -> Capabilities:
+    # one eps per call; its restarts and seeds stay inside pyautoattack
+    return Capabilities(seed=p.seed)
+
+
+@ATTACKS.register("autoattack", params=AutoAttackOptions, capabilities=autoattack_capabilities)
 def make_autoattack(p: AutoAttackOptions) -> AttackFn:
     def attack(model: Model, x: torch.Tensor, y: torch.Tensor, eps: float | torch.Tensor, **kw: Any) -> AttackResult:
         if isinstance(eps, torch.Tensor):

@@ -211,9 +211,3 @@ def load_protocol(name: str, overrides: list[str] | None = None, *, n: int | Non
     for i, a in enumerate(proto.attacks):
         a.params_parsed = _attack_params(a, a.norm or proto.norm, file, i)
     return proto
-
-
-def list_protocol_names() -> list[str]:
-    from robbench.config import list_protocols
-
-    return list_protocols()

@@ -17,6 +17,10 @@ from typing import Any
 
 import pandas as pd
 
+from robbench.config import load_raw
+from robbench.errors import ConfigError
+from robbench.outcomes import CLEAN_ATTACK
+from robbench.paths import PROTOCOLS_DIR
 from robbench.report.measures import clean_counts, eps_values
 from robbench.report.results import Results, RunInfo
 
@@ -41,43 +45,35 @@ class Flag:
 def _protocol_raw(name: str) -> dict[str, Any]:
     """The protocol file merged along its extends chain, unvalidated: the report needs only kind, paper,
     member and datasets, and must not import the attack registry (torch) for that."""
-    from robbench.config import load_raw
-    from robbench.paths import PROTOCOLS_DIR
-
     try:
         raw, _ = load_raw(name, PROTOCOLS_DIR, "protocol")
-    except Exception:  # protocol file gone or renamed: the stored meta still tells
+    except ConfigError:  # protocol file gone or renamed: the stored meta still tells
         return {}
     return raw
 
 
 def protocol_info(name: str, run: RunInfo | None = None) -> dict[str, Any]:
-    """kind, paper, member and datasets of a protocol: from its file when present, else the run meta."""
-    base, _, derived = name.partition(":")
-    raw = _protocol_raw(base)
+    """kind, paper, member and datasets of a protocol: what the run recorded (the resolved protocol,
+    overrides applied), else its file. A source's own-accuracy run has kind ``<kind>:source``."""
+    raw = _protocol_raw(name)
     info: dict[str, Any] = {"kind": raw.get("kind", "whitebox" if raw else ""), "paper": raw.get("paper", ""),
                             "member": raw.get("member"), "datasets": list(raw.get("datasets", []))}
     if run is not None:
-        # the engine records the resolved protocol in the run's meta: that is what ran
         resolved = run.meta.get("protocol") if isinstance(run.meta.get("protocol"), dict) else {}
         for k in ("kind", "paper", "member", "datasets"):
             if k in resolved:
                 info[k] = resolved[k]
             elif k in run.meta and not info.get(k):
                 info[k] = run.meta[k]
-        # the run's own overrides win (eio '/3/1': --set member=0)
-        for o in run.overrides:
-            if isinstance(o, str) and o.startswith("member="):
-                info["member"] = int(o.split("=", 1)[1]) if o.split("=", 1)[1].strip().isdigit() else info["member"]
-    if derived:  # derived rows such as 'dverge-blackbox:source' (each source's own accuracy)
-        info["kind"] = f"{info['kind']}:{derived}"
+        if run.role != "target":
+            info["kind"] = f"{info['kind']}:{run.role}"
     return info
 
 
 def eps_curve(results: Results, run: RunInfo) -> dict[float, float]:
     """All-or-nothing accuracy over every stored attack, per eps (whole model)."""
     df = results.outcomes(run)
-    attacks = sorted(set(df["attack"]) - {"clean"})
+    attacks = sorted(set(df["attack"]) - {CLEAN_ATTACK})
     out = {}
     for e in eps_values(df):
         kn = results.aon_counts(run, attacks, e)
@@ -123,7 +119,7 @@ def meta_flags(run: RunInfo, entry_cfg: dict[str, Any]) -> list[Flag]:
     if isinstance(warnings, str):
         warnings = [warnings]
     for w in warnings:
-        flags.append(Flag(run.entry, run.protocol, None, "attack-check", f"attack check: {w}"))
+        flags.append(Flag(run.entry, run.label, None, "attack-check", f"attack check: {w}"))
     model = entry_cfg.get("model", {}) if isinstance(entry_cfg, dict) else {}
     eot = run.meta.get("eot")
     if isinstance(eot, dict):  # the engine's record: {"randomized": bool, "samples": k}
@@ -132,7 +128,7 @@ def meta_flags(run: RunInfo, entry_cfg: dict[str, Any]) -> list[Flag]:
         randomized = bool(run.meta.get("randomized", model.get("transform") == "rgn"))
         draws = int(eot or run.meta.get("eot_samples", 0) or 0)
     if randomized and draws < 2:
-        flags.append(Flag(run.entry, run.protocol, None, "randomized-no-eot",
+        flags.append(Flag(run.entry, run.label, None, "randomized-no-eot",
                           "randomized model evaluated without EOT: white-box numbers overstate robustness"))
     return flags
 
@@ -141,7 +137,7 @@ def compute_flags(results: Results, entries: list[str] | None = None) -> list[Fl
     """Every flag over the latest runs (of ``entries`` when given), sorted."""
     flags: list[Flag] = []
     by_entry: dict[str, list[RunInfo]] = {}
-    for (e, _p), run in results.runs.items():
+    for (e, _p, _role), run in results.runs.items():
         if entries is None or e in entries:
             by_entry.setdefault(e, []).append(run)
     for entry, runs in sorted(by_entry.items()):

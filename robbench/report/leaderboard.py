@@ -9,6 +9,7 @@ from typing import Any
 
 import pandas as pd
 
+from robbench.outcomes import CLEAN_ATTACK
 from robbench.report.flags import Flag, protocol_info
 from robbench.report.measures import clean_counts, eps_values, wilson
 from robbench.report.results import Results, RunInfo
@@ -47,6 +48,8 @@ def leaderboard(results: Results, configured_eps: dict[str, float], exclude: lis
     """Ranked runs of every protocol (of ``protocols`` when given)."""
     rows = []
     for run in results.runs.values():
+        if run.role != "target":  # a source's accuracy on its own sets is not an evaluation of it
+            continue
         if any(fnmatch.fnmatch(run.protocol, p) for p in exclude):
             continue
         if protocols is not None and run.protocol not in protocols:
@@ -55,7 +58,7 @@ def leaderboard(results: Results, configured_eps: dict[str, float], exclude: lis
         if info["kind"] not in RANKED_KINDS:
             continue
         df = results.outcomes(run)
-        attacks = sorted(set(df["attack"]) - {"clean"})
+        attacks = sorted(set(df["attack"]) - {CLEAN_ATTACK})
         eps = headline_eps(run.protocol, eps_values(df), configured_eps)
         kn = results.aon_counts(run, attacks, eps) if (attacks and eps is not None) else None
         if kn is None:

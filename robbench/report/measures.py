@@ -3,14 +3,14 @@ attack seed and 95% Wilson interval."""
 from __future__ import annotations
 
 import fnmatch
-import re
 from dataclasses import dataclass
 
-import numpy as np
 import pandas as pd
 
-from robbench.report.results import Results, RunInfo
+from robbench.outcomes import CLEAN_ATTACK
+from robbench.report.results import Results, RunInfo, all_or_nothing_counts
 from robbench.report.views import Measure
+from robbench.store import wilson_interval
 
 EPS_TOL = 1e-9
 
@@ -30,61 +30,17 @@ class Cell:
 
 
 def wilson(k: int, n: int) -> tuple[float, float]:
-    from robbench.store import wilson_interval
-
     lo, hi = wilson_interval(k, n)
     return float(lo), float(hi)
 
 
-def base_id(attack: str) -> str:
-    return attack.split("@", 1)[0]
-
-
-_PARAM = re.compile(r"([A-Za-z_]+)=([^@|,]+)")
-
-
-def attack_params(attack: str) -> dict[str, str]:
-    """``'pgd@source_member=2'`` -> ``{'source_member': '2'}`` (the engine's id suffixes)."""
-    if "@" not in attack:
-        return {}
-    return dict(_PARAM.findall(attack.split("@", 1)[1]))
-
-
 def select_attacks(attacks: list[str], patterns: list[str]) -> list[str]:
-    """Stored attack ids (never 'clean') matching any pattern; a pattern without '@' also matches ids
-    with a suffix (``pgd`` matches ``pgd@steps=50``)."""
-    out = []
-    for a in sorted(set(attacks)):
-        if a == "clean":
-            continue
-        if any(fnmatch.fnmatchcase(a, p) or ("@" not in p and fnmatch.fnmatchcase(base_id(a), p))
-               for p in patterns):
-            out.append(a)
-    return out
-
-
-def all_or_nothing_counts(df: pd.DataFrame, attacks: list[str], eps: float | None, member: int = -1
-                          ) -> tuple[int, int] | None:
-    """(correct under every listed attack, samples) at ``eps``; ``None`` if no outcome matches.
-    Callers with a run use :meth:`Results.aon_counts`, which memoizes this."""
-    from robbench.store import all_or_nothing
-
-    sub = df[(df["member"] == member) & df["attack"].isin(attacks)]
-    if eps is not None:
-        sub = sub[np.isclose(sub["eps"].astype(float), eps, rtol=0, atol=EPS_TOL)]
-    if sub.empty:
-        return None
-    present = sorted(set(sub["attack"]))
-    res = all_or_nothing(sub, attacks=present, members=[member])
-    if res.empty:
-        return None
-    if len(res) != 1:  # several eps matched (eps=None over a multi-eps run): not one cell
-        raise ValueError(f"measure spans {len(res)} eps values; give eps in the view")
-    return int(res["correct"].iloc[0]), int(res["n"].iloc[0])
+    """Stored attack ids (never 'clean') matching any fnmatch pattern."""
+    return [a for a in sorted(set(attacks)) if a != CLEAN_ATTACK and any(fnmatch.fnmatchcase(a, p) for p in patterns)]
 
 
 def clean_counts(df: pd.DataFrame, member: int = -1) -> tuple[int, int] | None:
-    sub = df[(df["attack"] == "clean") & (df["member"] == member)]
+    sub = df[(df["attack"] == CLEAN_ATTACK) & (df["member"] == member)]
     if sub.empty:
         return None
     return int(sub["correct"].sum()), int(sub["sample"].nunique())
@@ -102,7 +58,7 @@ def compute(results: Results, entry: str, m: Measure) -> Cell | None:
         kn = clean_counts(df, m.member)
     else:
         attacks = select_attacks(df["attack"].unique().tolist(), m.attacks)
-        kn = results.aon_counts(run, attacks, m.eps, m.member) if attacks else None
+        kn = results.aon_counts(run, attacks, m.eps, m.member, m.steps) if attacks else None
     if kn is None or kn[1] == 0:
         return None
     lo, hi = wilson(*kn)
@@ -110,5 +66,5 @@ def compute(results: Results, entry: str, m: Measure) -> Cell | None:
 
 
 def eps_values(df: pd.DataFrame) -> list[float]:
-    e = df.loc[df["attack"] != "clean", "eps"].astype(float)
+    e = df.loc[df["attack"] != CLEAN_ATTACK, "eps"].astype(float)
     return sorted({round(v, 10) for v in e})

@@ -10,8 +10,14 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
+from robbench.checkpoint import LOG, MANIFEST, WEIGHTS
+from robbench.config import load_entry
+from robbench.store import Store, all_or_nothing, latest_runs
+
+EPS_TOL = 1e-9
 
 
 @dataclass(frozen=True)
@@ -24,6 +30,12 @@ class RunInfo:
     checkpoint_sha256: str
     overrides: list[str]
     meta: dict[str, Any]
+    role: str = "target"
+
+    @property
+    def label(self) -> str:
+        """The protocol as tables and flags name the run (a source's own-accuracy run says so)."""
+        return self.protocol if self.role == "target" else f"{self.protocol} ({self.role} role)"
 
 
 def _loads(v: Any, default: Any) -> Any:
@@ -37,63 +49,81 @@ def _loads(v: Any, default: Any) -> Any:
         return default
 
 
+def all_or_nothing_counts(df: pd.DataFrame, attacks: list[str], eps: float | None, member: int = -1,
+                          steps: int | None = None) -> tuple[int, int] | None:
+    """(correct under every outcome key of the listed attacks, samples) at ``eps`` (``steps``: only the
+    keys recorded after that many iterations); ``None`` if no outcome matches. Callers with a run use
+    :meth:`Results.aon_counts`, which memoizes this."""
+    sub = df[(df["member"] == member) & df["attack"].isin(attacks)]
+    if steps is not None:
+        sub = sub[sub["steps"] == steps]
+    if eps is not None:
+        sub = sub[np.isclose(sub["eps"].astype(float), eps, rtol=0, atol=EPS_TOL)]
+    if sub.empty:
+        return None
+    res = all_or_nothing(sub, attacks=None, members=[member])
+    if res.empty:
+        return None
+    if len(res) != 1:  # several eps matched (eps=None over a multi-eps run): not one cell
+        raise ValueError(f"measure spans {len(res)} eps values; give eps in the view")
+    return int(res["correct"].iloc[0]), int(res["n"].iloc[0])
+
+
 class Results:
     """Read-only view of the store for the report (one cache of outcomes per run)."""
 
     def __init__(self, db: str | Path, runs_dir: str | Path) -> None:
-        from robbench import store as store_mod
-
         self.db = Path(db)
         self.runs_dir = Path(runs_dir)
-        self._store_mod = store_mod
         # no store yet: report the published numbers with every cell 'not run' (and create no file)
-        self.store = store_mod.Store(self.db if self.db.exists() else ":memory:")
+        self.store = Store(self.db if self.db.exists() else ":memory:")
         self._outcomes: dict[Any, pd.DataFrame] = {}
         self._aon: dict[tuple[Any, ...], tuple[int, int] | None] = {}
 
     # ------------------------------------------------------------------------------------------ runs
     @cached_property
-    def runs(self) -> dict[tuple[str, str], RunInfo]:
-        """(entry, protocol) -> the latest finished run."""
+    def runs(self) -> dict[tuple[str, str, str], RunInfo]:
+        """(entry, protocol, role) -> the latest finished run."""
         done = self.store.runs(status="done")
-        out: dict[tuple[str, str], RunInfo] = {}
-        for protocol in sorted(set(done["protocol"])):
-            df = self._store_mod.latest_runs(self.store, protocol)
+        out: dict[tuple[str, str, str], RunInfo] = {}
+        for protocol, role in sorted(set(zip(done["protocol"], done["role"]))):
+            df = latest_runs(self.store, protocol, role)
             for r in df.itertuples(index=False):
                 meta = dict(_loads(r.meta, {}))
                 meta.update(self.store.get_meta(int(r.run_id)) or {})  # run_meta extras (AutoAttack checks, EOT)
                 info = RunInfo(run_id=int(r.run_id), entry=r.entry, protocol=r.protocol,
                                seed=None if pd.isna(r.seed) else int(r.seed), finished=str(r.finished or ""),
                                checkpoint_sha256=str(r.checkpoint_sha256 or ""),
-                               overrides=list(_loads(r.overrides, [])), meta=meta)
-                out[(info.entry, info.protocol)] = info
+                               overrides=list(_loads(r.overrides, [])), meta=meta, role=r.role)
+                out[(info.entry, info.protocol, info.role)] = info
         return dict(sorted(out.items()))
 
     def run(self, entry: str, protocol: str) -> RunInfo | None:
-        return self.runs.get((entry, protocol))
+        """The latest finished evaluation of ``entry`` under ``protocol``."""
+        return self.runs.get((entry, protocol, "target"))
 
     def runs_of(self, protocol_pattern: str) -> list[RunInfo]:
-        return [r for (e, p), r in sorted(self.runs.items()) if fnmatch.fnmatch(p, protocol_pattern)]
+        """Latest finished evaluations (not source runs) of the protocols matching the pattern."""
+        return [r for (e, p, role), r in sorted(self.runs.items())
+                if role == "target" and fnmatch.fnmatch(p, protocol_pattern)]
 
     def outcomes(self, run: RunInfo) -> pd.DataFrame:
         if run.run_id not in self._outcomes:
             df = self.store.outcomes(int(run.run_id))
-            self._outcomes[run.run_id] = df.sort_values(["attack", "eps", "sample", "member"]).reset_index(drop=True)
+            self._outcomes[run.run_id] = df.sort_values(["attack", "source", "source_member", "steps", "eps", "sample", "member"]).reset_index(drop=True)
         return self._outcomes[run.run_id]
 
-    def aon_counts(self, run: RunInfo, attacks: list[str], eps: float | None, member: int = -1
-                   ) -> tuple[int, int] | None:
+    def aon_counts(self, run: RunInfo, attacks: list[str], eps: float | None, member: int = -1,
+                   steps: int | None = None) -> tuple[int, int] | None:
         """Memoized all-or-nothing (correct, n): tables, curves, flags and the leaderboard ask alike."""
-        from robbench.report.measures import all_or_nothing_counts
-
-        key = (run.run_id, tuple(attacks), None if eps is None else round(float(eps), 10), member)
+        key = (run.run_id, tuple(attacks), None if eps is None else round(float(eps), 10), member, steps)
         if key not in self._aon:
-            self._aon[key] = all_or_nothing_counts(self.outcomes(run), attacks, eps, member)
+            self._aon[key] = all_or_nothing_counts(self.outcomes(run), attacks, eps, member, steps)
         return self._aon[key]
 
     # ------------------------------------------------------------------------------------ run dirs
     def manifest(self, entry: str) -> dict[str, Any]:
-        p = self.runs_dir / entry / "manifest.json"
+        p = self.runs_dir / entry / MANIFEST
         try:
             return json.loads(p.read_text())
         except (FileNotFoundError, ValueError):
@@ -106,14 +136,12 @@ class Results:
             if isinstance(man.get(key), dict):
                 return man[key]
         try:
-            from robbench.config import load_entry
-
             return load_entry(entry).resolved()
         except Exception:  # an entry no longer in zoo/ (or invalid now): the report still renders
             return {}
 
     def log(self, entry: str) -> list[dict[str, Any]]:
-        p = self.runs_dir / entry / "log.jsonl"
+        p = self.runs_dir / entry / LOG
         if not p.exists():
             return []
         out = []
@@ -128,7 +156,7 @@ class Results:
 
     def param_count(self, entry: str) -> int | None:
         """Parameters in model.safetensors, read from its header (no tensor is loaded)."""
-        p = self.runs_dir / entry / "model.safetensors"
+        p = self.runs_dir / entry / WEIGHTS
         try:
             with open(p, "rb") as fh:
                 (n,) = struct.unpack("<Q", fh.read(8))

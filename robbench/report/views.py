@@ -29,8 +29,17 @@ class Measure:
                        "none: not measured by robbench (published value shown alone)")
     protocol: str = opt("", help="protocol of the run (default: the view's protocol)")
     eps: float | None = opt(None, min=0.0, help="eps of the outcomes (robust measures)")
-    attacks: list[str] = opt(["*"], help="fnmatch patterns over stored attack ids, AND-ed (all-or-nothing)")
+    attacks: list[str] = opt(["*"], help="fnmatch patterns over the protocol's attack ids, AND-ed "
+                                         "(all-or-nothing over every source and step count of each)")
+    steps: int | None = opt(None, min=0, help="only the outcomes recorded after this many iterations "
+                                              "(an attack's record_steps); default: every step count")
     member: int = opt(-1, min=-1, help="-1 = the whole model; j = member j")
+
+    def validate(self, file: str) -> None:
+        for i, p in enumerate(self.attacks):
+            if "@" in p:
+                raise ConfigError(f"{p!r}: attack patterns name attack ids only; select a step count with "
+                                  f"steps = K", file=file, field=f"attacks[{i}]")
 
 
 @dataclass
@@ -75,16 +84,17 @@ class View:
         else:
             m = Measure(kind="none")
         if not m.protocol:
-            m = Measure(kind=m.kind, protocol=self.protocol, eps=m.eps, attacks=list(m.attacks), member=m.member)
+            m = Measure(kind=m.kind, protocol=self.protocol, eps=m.eps, attacks=list(m.attacks), steps=m.steps,
+                        member=m.member)
         return m
 
 
 @dataclass
 class Heatmap:
     paper: str = opt(help="report folder")
-    protocol: str = opt(help="a transferability protocol (attack 'X@source_member=i', member = j)")
+    protocol: str = opt(help="a transferability protocol (attack crafted on member i, tested on member j)")
     eps: float = opt(0.03, min=0.0, help="DVERGE Figure 3: eps 0.03")
-    attack: str = opt("pgd", help="attack id before '@source_member='")
+    attack: str = opt("pgd", help="the protocol's attack id")
     entries: list[str] = opt([], help="entries to draw (empty: every entry with a run)")
     title: str = opt("Within-ensemble transferability (attack success rate)")
 
@@ -92,7 +102,7 @@ class Heatmap:
 @dataclass
 class Iterations:
     paper: str = opt(help="report folder")
-    protocol: str = opt(help="protocol whose attack ids carry '@steps=K'")
+    protocol: str = opt(help="protocol whose attacks record accuracy after several step counts (record_steps)")
     title: str = opt("Accuracy vs attack iterations")
     eps: float | None = opt(None, help="only outcomes at this eps (default: all)")
 

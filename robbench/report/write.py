@@ -16,7 +16,7 @@ import pandas as pd
 from robbench.errors import ConfigError
 from robbench.report import figures, leaderboard as lb, training
 from robbench.report.flags import Flag, compute_flags, flags_frame
-from robbench.report.measures import attack_params
+from robbench.outcomes import CLEAN_ATTACK, FINAL
 from robbench.report.reference import published
 from robbench.report.results import Results
 from robbench.report.tables import (TableResult, build_table, cell_text, decimals, fmt_ref, method_of, size_of)
@@ -206,7 +206,7 @@ class PaperReport:
             except ValueError as e:
                 self.md += [f"- `{run.entry}`: no transferability rows ({e}).", ""]
                 continue
-            n = int(df[(df["attack"] != "clean")]["sample"].nunique())
+            n = int(df[(df["attack"] != CLEAN_ATTACK)]["sample"].nunique())
             for i in m.index:
                 for j in m.columns:
                     v = m.loc[i, j]
@@ -233,13 +233,14 @@ class PaperReport:
         for run in runs:
             df = self.results.outcomes(run)
             series: dict[str, tuple[list[float], list[float]]] = {}
-            for label, pattern in self._iteration_series(spec, df):
+            for label, steps_list in self._iteration_series(df):
                 pts = []
-                for steps, attacks in sorted(pattern.items()):
-                    for e in sorted(set(df[df["attack"].isin(attacks)]["eps"].astype(float))):
+                for steps in steps_list:
+                    rows = df[(df["attack"] == label) & (df["steps"] == steps)]
+                    for e in sorted(set(rows["eps"].astype(float))):
                         if spec.eps is not None and abs(e - spec.eps) > 1e-9:
                             continue
-                        kn = self.results.aon_counts(run, attacks, e)
+                        kn = self.results.aon_counts(run, [label], e, steps=steps)
                         if kn and kn[1]:
                             pts.append((e, steps, kn))
                 for e in sorted({p[0] for p in pts}):
@@ -272,14 +273,10 @@ class PaperReport:
             self.md.append("")
 
     @staticmethod
-    def _iteration_series(spec: Iterations, df: pd.DataFrame) -> list[tuple[str, dict[int, list[str]]]]:
-        """(label, {steps: attack ids}) for every attack id carrying '@steps=K'."""
-        groups: dict[str, dict[int, list[str]]] = {}
-        for a in sorted(set(df["attack"]) - {"clean"}):
-            p = attack_params(a)
-            if "steps" in p and p["steps"].isdigit():
-                groups.setdefault(a.split("@", 1)[0], {}).setdefault(int(p["steps"]), []).append(a)
-        return sorted(groups.items())
+    def _iteration_series(df: pd.DataFrame) -> list[tuple[str, list[int]]]:
+        """(attack id, its recorded step counts) for every attack with record_steps rows."""
+        rec = df[(df["attack"] != CLEAN_ATTACK) & (df["steps"] != FINAL)]
+        return [(a, sorted(int(k) for k in g["steps"].unique())) for a, g in rec.groupby("attack", sort=True)]
 
     # ----------------------------------------------------------------------------- training
     def training_time(self, spec: TrainingTime) -> None:

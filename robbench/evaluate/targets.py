@@ -1,0 +1,134 @@
+"""Which entries a protocol evaluates, loading each as an evaluation target, and its samples."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from robbench.checkpoint import (RunDir, checkpoint_sha256, entry_from_manifest, entry_name, load_trained,
+                                 run_dirs)
+from robbench.config import ZooEntry, list_entries, load_entry
+from robbench.data import get_info
+from robbench.data.subsets import dverge_subset, make_subset
+from robbench.errors import CheckpointError, ConfigError, DataError, UserError
+from robbench.evaluate.protocol import Protocol
+from robbench.memformat import FormatChoice, choose_memory_format
+from robbench.models.eot import is_randomized
+
+
+@dataclass
+class Target:
+    """A trained entry loaded for evaluation: in eval mode, frozen, in its own memory format (inputs
+    must be prepared with ``fmt.prepare``)."""
+
+    name: str
+    model: nn.Module
+    manifest: dict[str, Any]
+    entry: ZooEntry
+    checkpoint_sha256: str
+    fmt: FormatChoice
+    randomized: bool = False
+
+    @property
+    def dataset(self) -> str:
+        return self.entry.data.dataset
+
+    @property
+    def data_options(self) -> dict[str, Any]:
+        return dict(self.entry.data.options or {})
+
+    @property
+    def members(self) -> list[nn.Module]:
+        members = getattr(self.model, "members", None)
+        return list(members) if members is not None else [self.model]
+
+
+def load_target(name: str, runs_dir: str | Path | None, device: torch.device, member: int | None = None,
+                memory_format: str = "auto") -> Target:
+    """Load run ``name`` (its member ``member`` alone when given) for evaluation on ``device``."""
+    model, manifest = load_trained(name, runs_dir, device)
+    run = RunDir(runs_dir, name)
+    entry = entry_from_manifest(manifest, str(run.manifest_path))
+    if member is not None:
+        members = getattr(model, "members", None)
+        if members is None or member >= len(members):
+            n = len(members) if members is not None else 1
+            raise ConfigError(f"{name} has {n} member(s); allowed: 0..{n - 1}", field="member")
+        model = members[member]
+    model = model.eval()
+    info = get_info(entry.data.dataset, entry.data.options)
+    fmt = choose_memory_format(model, (info.in_channels, info.image_size, info.image_size), device,
+                               memory_format, what=name)
+    model = model.to(memory_format=fmt.format)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return Target(name, model, manifest, entry, checkpoint_sha256(run), fmt, is_randomized(model))
+
+
+def trained_entries(runs_dir: str | Path | None) -> list[tuple[str, ZooEntry]]:
+    """(name, ZooEntry from the manifest) of every complete run under ``runs_dir``."""
+    out = []
+    for run in run_dirs(runs_dir):
+        try:
+            m = run.read_manifest()
+            if m["status"] != "complete":
+                continue
+            out.append((run.name, entry_from_manifest(m, str(run.manifest_path))))
+        except (CheckpointError, ConfigError):
+            continue
+    return out
+
+
+def resolve_targets(proto: Protocol, entries: Sequence[str], runs_dir: str | Path | None) -> list[str]:
+    """Named entries, or every trained entry the protocol applies to (none: say which to train)."""
+    if entries:
+        return [entry_name(e) for e in entries]
+    names = [n for n, e in trained_entries(runs_dir) if proto.applies(e)]
+    if names:
+        return names
+    todo = []
+    for n in list_entries():
+        try:
+            e = load_entry(n)
+        except UserError:
+            continue
+        if proto.applies(e):
+            todo.append(n)
+    hint = ("; train one first: " + ", ".join(f"robbench train zoo/{n}" for n in todo[:6])
+            + (f" (+{len(todo) - 6} more)" if len(todo) > 6 else "")) if todo else "; no zoo entry matches its applies_to"
+    raise UserError(f"protocol {proto.name!r}: no trained entry it applies to under "
+                    f"{runs_dir or 'runs'}{hint}", file=proto.source_file, field="applies_to")
+
+
+def member_predictions(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """[M, B] predicted classes of every member."""
+    if hasattr(model, "member_logits"):
+        return model.member_logits(x).argmax(-1)
+    return model(x).argmax(-1).unsqueeze(0)
+
+
+def select_samples(proto: Protocol, data: Any, dataset: str, target: Target | None = None,
+                   device: torch.device | None = None) -> list[int]:
+    """Sample ids per ``proto.samples`` ('all_correct' needs the target: samples every member gets right)."""
+    s = proto.samples
+    size = len(data) if s.pool is None else min(int(s.pool), len(data))
+    try:
+        if s.selection != "all_correct":
+            n = None if s.selection == "all" else s.n
+            return list(make_subset(s.selection, dataset, s.split, n, s.seed, size=size).indices)
+        if target is None or device is None:
+            raise ValueError("selection 'all_correct' needs the target model")
+        correct: list[int] = []
+        with torch.no_grad():
+            for start in range(0, size, proto.batch_size):
+                ids = list(range(start, min(size, start + proto.batch_size)))
+                x, y = data.get(ids)
+                x, y = target.fmt.prepare(x.to(device)), y.to(device)
+                ok = member_predictions(target.model, x).eq(y.unsqueeze(0)).all(0)
+                correct.extend(i for i, o in zip(ids, ok.tolist()) if o)
+        return dverge_subset(s.n, correct, s.seed)
+    except DataError as e:
+        raise ConfigError(e.detail, file=proto.source_file, field="samples.n") from None
