@@ -2,13 +2,19 @@
 transferability rows, record_steps, early stop, sharding over 2 processes."""
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
 
+from robbench.attacks.capabilities import Capabilities
+from robbench.attacks.core import AttackResult
+from robbench.config import opt
 from robbench.errors import DataError, UserError
+from robbench.registry import ATTACKS
 from robbench.evaluate import engine, execute, sources, transfer
 from robbench.evaluate.aggregations import aggregate, groups_from_record
 from robbench.evaluate.plan import plan_attacks
@@ -507,3 +513,115 @@ def test_random_target_attack_does_not_depend_on_the_batching(runs: Path, tmp_pa
     pgd_t, pgd_u = a[a["attack"] == "pgd"], u[u["attack"] == "pgd"]
     assert pgd_t["correct"].sum() >= pgd_u["correct"].sum()  # a random target is a weaker goal than any wrong class
     assert not pgd_t["correct"].equals(pgd_u["correct"]) or pgd_u["correct"].all()
+
+
+# ------------------------------------------------------------------ a new attack, declared, not wired in
+
+@dataclass
+class ToyOptions:
+    restarts: int = opt(2, min=1, help="random sign patterns tried; a sample is fooled if any fools it")
+    seed: int = opt(0, min=0, help="pattern r is drawn from a generator seeded seed + r")
+
+
+TOY_CALLS: list[dict] = []
+
+
+def toy_capabilities(p: ToyOptions) -> Capabilities:
+    return Capabilities(per_sample_eps=True, restarts=p.restarts, seed=p.seed,
+                        for_restart=lambda r: dataclasses.replace(p, restarts=1, seed=p.seed + r))
+
+
+def make_toy(p: ToyOptions):
+    """x + eps * sign(w_r) for a fixed pattern w_r per restart: deterministic per sample, so its outcome
+    cannot depend on how the engine batches, packs, resumes or shards."""
+    def toy(model, x, y, eps, **kw):
+        TOY_CALLS.append({"options": p, "eps": eps, "kw": dict(kw), "n": len(x)})
+        e = torch.as_tensor(eps, dtype=x.dtype).reshape(-1, *([1] * (x.dim() - 1))).expand(len(x), *([1] * (x.dim() - 1)))
+        fooled = torch.zeros(len(x), dtype=torch.bool)
+        x_adv = x.clone()
+        for r in range(p.restarts):
+            w = torch.randn(x.shape[1:], generator=torch.Generator().manual_seed(p.seed + r))
+            xr = (x + e * w.sign()).clamp(0, 1)
+            with torch.no_grad():
+                f = model(xr).argmax(-1) != y
+            x_adv = torch.where((f & ~fooled).reshape(-1, *([1] * (x.dim() - 1))), xr, x_adv)
+            fooled |= f
+        return AttackResult(x_adv=x_adv, fooled=fooled, fooled_per_restart=fooled[None], stats={"eval": len(x)})
+    return toy
+
+
+if "toy" not in ATTACKS:  # registered once per process (the sharding workers import this module too)
+    ATTACKS.register("toy", params=ToyOptions, capabilities=toy_capabilities)(make_toy)
+
+TOY = """
+kind = "whitebox"
+datasets = ["digits"]
+eps = [0.1, 0.2, 0.3]
+batch_size = 10
+[samples]
+selection = "dverge"
+n = 40
+[[attacks]]
+id = "fgsm"
+attack = "fgsm"
+[[attacks]]
+id = "toy"
+attack = "toy"
+[attacks.params]
+restarts = 3
+"""
+
+
+def test_a_new_attack_gets_batching_restarts_resume_and_sharding(runs: Path, tmp_path: Path, monkeypatch):
+    proto = _proto(tmp_path, "toy", TOY)
+    TOY_CALLS.clear()
+    ref = _ev(proto, ["t_x2"], runs, tmp_path, "ref.db")["t_x2"]
+    # eps batching: after fgsm fooled some samples, the rest at several eps share calls (per-sample eps)
+    assert any(isinstance(c["eps"], torch.Tensor) and len(set(c["eps"].tolist())) > 1 for c in TOY_CALLS)
+    assert all(c["n"] <= 10 and c["kw"] == {} for c in TOY_CALLS)  # nothing it did not declare
+    # early stop skipped fooled samples and the all-or-nothing result is that of a run without it
+    off = _ev(_proto(tmp_path, "toy_off", TOY + "\n"), ["t_x2"], runs, tmp_path, "ref.db",
+              overrides=["early_stop=false"])["t_x2"]
+    ta = aggregate("all_or_nothing", _rows(tmp_path / "ref.db", ref))
+    pd.testing.assert_frame_equal(ta, aggregate("all_or_nothing", _rows(tmp_path / "ref.db", off)))
+    assert (ta[ta["attack"] == "all"]["accuracy"] < 1).all()
+
+    # resume: killed at batch 2, the rerun computes only what was not committed, with the same rows
+    real = execute.run_attack
+    seen: list[int] = []
+
+    def flaky(attack, model, x, y, eps, **kw):
+        seen.append(kw["seed_parts"][2])
+        if attack.id == "toy" and kw["seed_parts"][2] == 2 and kill["on"]:
+            raise RuntimeError("killed")
+        return real(attack, model, x, y, eps, **kw)
+
+    kill = {"on": True}
+    monkeypatch.setattr(execute, "run_attack", flaky)
+    with pytest.raises(RuntimeError, match="killed"):
+        _ev(proto, ["t_x2"], runs, tmp_path, "resume.db")
+    seen.clear()
+    kill["on"] = False
+    rid = _ev(proto, ["t_x2"], runs, tmp_path, "resume.db")["t_x2"]
+    assert set(seen) == {2, 3}
+    pd.testing.assert_frame_equal(_rows(tmp_path / "resume.db", rid), _rows(tmp_path / "ref.db", ref))
+    monkeypatch.setattr(execute, "run_attack", real)
+
+    # restarts as separate runs (transferability): restart r alone is the attack's own for_restart(r)
+    TOY_CALLS.clear()
+    tr = TOY.replace('kind = "whitebox"', 'kind = "transferability"\naggregation = "per_attack"').replace(
+        'selection = "dverge"', 'selection = "all_correct"').replace("restarts = 3", "restarts = 3\n").replace(
+        'id = "toy"\nattack = "toy"', 'id = "toy"\nattack = "toy"\nrestarts_as_runs = 3').replace(
+        '[[attacks]]\nid = "fgsm"\nattack = "fgsm"\n', "")
+    trid = _ev(_proto(tmp_path, "toy_tr", tr), ["t_x2"], runs, tmp_path, "tr.db")["t_x2"]
+    assert sorted({(c["options"].restarts, c["options"].seed) for c in TOY_CALLS}) == [(1, 0), (1, 1), (1, 2)]
+    df = _rows(tmp_path / "tr.db", trid)
+    assert set(df.loc[df["attack"] == "toy", "source_member"]) == {0, 1}
+
+    # sharding over 2 processes: the same rows as one process
+    import torch.multiprocessing as mp
+
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), proto, str(runs), str(tmp_path)), nprocs=2, join=True)
+    with Store(tmp_path / "dist.db") as s:
+        (drid,) = s.runs()["run_id"]
+    pd.testing.assert_frame_equal(_rows(tmp_path / "dist.db", drid), _rows(tmp_path / "ref.db", ref))
