@@ -557,21 +557,13 @@ def run_dirs(root: str | Path | None) -> list[RunDir]:
 def entry_from_manifest(manifest: Mapping[str, Any], file: str) -> "ZooEntry":
     """Rebuild the validated :class:`ZooEntry` from the manifest's resolved config (not from zoo/,
     which may have changed since training). The config must hash to the recorded ``entry_sha256``."""
-    from robbench.config import ZooEntry, config_hash, parse_dataclass
-    from robbench.registry import ARCHITECTURES, METHODS
+    from robbench.config import config_hash, resolve_entry
 
     cfg = manifest["config"]
     if config_hash(cfg) != manifest["entry_sha256"]:
         raise CheckpointError("config does not hash to entry_sha256: the manifest was edited", file=file,
                               field="config")
-    entry = parse_dataclass(ZooEntry, dict(cfg), file=file, prefix="config")
-    entry.source = file
-    entry.overrides = list(manifest.get("overrides", []))
-    mp = METHODS.params(entry.train.method)
-    entry.method_params = parse_dataclass(mp, entry.train.params, file=file, prefix="config.train.params") if mp else None
-    ap = ARCHITECTURES.params(entry.model.arch)
-    entry.arch_params = parse_dataclass(ap, entry.model.options, file=file, prefix="config.model.options") if ap else None
-    return entry
+    return resolve_entry(dict(cfg), file, list(manifest.get("overrides", [])), prefix="config")
 
 
 def load_trained(entry_or_name: "str | ZooEntry", runs_dir: str | Path | None = None,

@@ -7,161 +7,19 @@ dataclasses. Every failure is a :class:`ConfigError` naming the file, the field 
 from __future__ import annotations
 
 import copy
-import dataclasses
-import hashlib
-import json
 import tomllib
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar, get_args, get_origin
+from typing import Any, Literal
 
 from robbench.errors import ConfigError
 from robbench.paths import PROTOCOLS_DIR, ZOO_DIR
+from robbench.schema import config_hash, opt, parse_dataclass, parse_options, to_dict
 
-D = TypeVar("D")
-
-
-# ----------------------------------------------------------------------------------------------
-# Generic validation of a dict into a dataclass
-# ----------------------------------------------------------------------------------------------
-
-def opt(default: Any = dataclasses.MISSING, *, min: float | None = None, max: float | None = None,
-        registry: str | None = None, help: str = "", **kw: Any) -> Any:
-    """A dataclass field with validation metadata (range, registry name) and a help string."""
-    md = {"min": min, "max": max, "registry": registry, "help": help}
-    if isinstance(default, (list, dict, set)):
-        return field(default_factory=lambda d=default: copy.deepcopy(d), metadata=md, **kw)
-    return field(default=default, metadata=md, **kw)
-
-
-def _type_name(tp: Any) -> str:
-    origin = get_origin(tp)
-    if origin is Literal:
-        return " | ".join(repr(a) for a in get_args(tp))
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in get_args(tp))
-    if origin is list:
-        (inner,) = get_args(tp) or (Any,)
-        return f"list of {_type_name(inner)}"
-    if origin is dict:
-        return "table"
-    if dataclasses.is_dataclass(tp):
-        return "table"
-    if tp is type(None):
-        return "nothing"
-    return getattr(tp, "__name__", str(tp))
-
-
-def _convert(value: Any, tp: Any, file: str, path: str) -> Any:
-    origin = get_origin(tp)
-    if tp is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        args = get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _convert(value, a, file, path)
-            except ConfigError as e:
-                errors.append(e)
-        raise ConfigError(f"expected {_type_name(tp)}, got {value!r}", file=file, field=path)
-    if origin is Literal:
-        if value not in get_args(tp):
-            raise ConfigError(f"got {value!r}; allowed: {_type_name(tp)}", file=file, field=path)
-        return value
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"expected {_type_name(tp)}, got {value!r}", file=file, field=path)
-        (inner,) = get_args(tp) or (Any,)
-        return [_convert(v, inner, file, f"{path}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"expected a table, got {value!r}", file=file, field=path)
-        return dict(value)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"expected a table, got {value!r}", file=file, field=path)
-        return parse_dataclass(tp, value, file=file, prefix=path)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"expected true or false, got {value!r}", file=file, field=path)
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"expected an integer, got {value!r}", file=file, field=path)
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"expected a number, got {value!r}", file=file, field=path)
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"expected a string, got {value!r}", file=file, field=path)
-        return value
-    raise TypeError(f"unsupported config type {tp!r} at {path}")
-
-
-def parse_dataclass(cls: type[D], data: dict[str, Any], *, file: str, prefix: str = "") -> D:
-    """Validate ``data`` into dataclass ``cls``: unknown keys, types, ranges and registry names."""
-    from robbench.registry import REGISTRIES
-
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        where = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
-        raise ConfigError(f"unknown key; allowed here: {', '.join(sorted(fields))}", file=file, field=where)
-    kwargs: dict[str, Any] = {}
-    for name, f in fields.items():
-        path = f"{prefix}.{name}" if prefix else name
-        if name not in data:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise ConfigError(f"required ({_type_name(hints[name])})", file=file, field=path)
-            continue
-        value = _convert(data[name], hints[name], file, path)
-        md = f.metadata
-        nums = value if isinstance(value, list) else [value]
-        for v in nums:
-            if isinstance(v, (int, float)) and not isinstance(v, bool):
-                lo, hi = md.get("min"), md.get("max")
-                if (lo is not None and v < lo) or (hi is not None and v > hi):
-                    rng = f"[{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
-                    raise ConfigError(f"{v!r} is out of range; allowed: {rng}", file=file, field=path)
-        reg = md.get("registry")
-        if reg and value is not None:
-            for v in (value if isinstance(value, list) else [value]):
-                REGISTRIES[reg].get(v, file=file, field=path)
-        kwargs[name] = value
-    obj = cls(**kwargs)
-    post = getattr(obj, "validate", None)
-    if callable(post):
-        post(file)
-    return obj
-
-
-def to_dict(obj: Any) -> Any:
-    """A dataclass as plain JSON-able data (paths become strings)."""
-    if dataclasses.is_dataclass(obj):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.repr}
-    if isinstance(obj, dict):
-        return {k: to_dict(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [to_dict(v) for v in obj]
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
-
-
-def config_hash(obj: Any) -> str:
-    """sha256 of the canonical JSON form of a config (dataclass or dict)."""
-    blob = json.dumps(to_dict(obj), sort_keys=True, separators=(",", ":")).encode()
-    return hashlib.sha256(blob).hexdigest()
+# the option machinery lives in robbench.schema; these names are part of this module's interface
+__all__ = ["ZooEntry", "apply_overrides", "blame_override", "config_hash", "deep_merge", "list_entries", "list_protocols",
+           "load_entry", "load_raw", "opt", "parse_dataclass", "parse_options", "parse_override", "resolve_entry",
+           "resolve_path", "to_dict"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -342,53 +200,49 @@ class ZooEntry:
         return config_hash(self.resolved())
 
 
-def _validate_sub(params_cls: type | None, data: dict[str, Any], file: str, prefix: str, what: str) -> Any:
-    if params_cls is None:
-        if data:
-            raise ConfigError(f"{what} takes no options; got {', '.join(sorted(data))}", file=file, field=prefix)
-        return None
-    return parse_dataclass(params_cls, data, file=file, prefix=prefix)
-
-
-def _blame_override(err: ConfigError, overrides: list[str]) -> ConfigError:
+def blame_override(err: ConfigError, overrides: list[str]) -> ConfigError:
     """Say which --set caused an error, so the user does not hunt for it in the file."""
     for text in overrides:
         key = text.split("=", 1)[0].strip()
         if err.field and (err.field == key or err.field.startswith(key + ".")):
-            msg = str(err).split(f"{err.field}: ", 1)[-1]
-            return ConfigError(msg, file=f"{err.file} (--set {text})", field=err.field)
+            return ConfigError(err.detail, file=f"{err.file} (--set {text})", field=err.field)
     return err
+
+
+def resolve_entry(raw: dict[str, Any], file: str, overrides: list[str] | None = None, prefix: str = "") -> ZooEntry:
+    """Merged zoo-entry data -> the fully typed :class:`ZooEntry`: the entry, its method's and its
+    architecture's options, its dataset's options. The one resolver of zoo entries, from ``zoo/`` files
+    (:func:`load_entry`) and from run manifests (``robbench.checkpoint.entry_from_manifest``, ``prefix``
+    = where the entry sits in that file); errors an override caused name the ``--set``."""
+    from robbench.data import validate_options
+    from robbench.registry import ARCHITECTURES, METHODS
+
+    overrides = list(overrides or [])
+    at = (lambda f: f"{prefix}.{f}") if prefix else (lambda f: f)
+    try:
+        for table in ("model", "data"):
+            if table not in raw:
+                raise ConfigError("required table is missing", file=file, field=at(table))
+        entry = parse_dataclass(ZooEntry, raw, file=file, prefix=prefix)
+        entry.source = file
+        entry.overrides = overrides
+        entry.method_params = parse_options(METHODS.params(entry.train.method), entry.train.params, file=file,
+                                            prefix=at("train.params"), what=f"method {entry.train.method!r}")
+        entry.arch_params = parse_options(ARCHITECTURES.params(entry.model.arch), entry.model.options, file=file,
+                                          prefix=at("model.options"), what=f"architecture {entry.model.arch!r}")
+        validate_options(entry.data.dataset, entry.data.options, file=file)
+    except ConfigError as e:
+        raise blame_override(e, overrides) from None
+    return entry
 
 
 def load_entry(spec: str, overrides: list[str] | None = None) -> ZooEntry:
     """Load, merge, override and validate a zoo entry (``zoo/NAME``, ``NAME`` or a path)."""
-    from robbench.registry import ARCHITECTURES, METHODS
-
     raw, path = load_raw(spec, ZOO_DIR, "zoo entry")
     overrides = list(overrides or [])
     raw = apply_overrides(raw, overrides)
-    file = str(path)
     raw.setdefault("name", path.stem)
-    for table in ("model", "data"):
-        if table not in raw:
-            raise ConfigError("required table is missing", file=file, field=table)
-    try:
-        entry = parse_dataclass(ZooEntry, raw, file=file)
-    except ConfigError as e:
-        raise _blame_override(e, overrides) from None
-    entry.source = file
-    entry.overrides = overrides
-    try:
-        entry.method_params = _validate_sub(METHODS.params(entry.train.method), entry.train.params, file,
-                                            "train.params", f"method {entry.train.method!r}")
-        entry.arch_params = _validate_sub(ARCHITECTURES.params(entry.model.arch), entry.model.options, file,
-                                          "model.options", f"architecture {entry.model.arch!r}")
-        from robbench.data import validate_options
-
-        validate_options(entry.data.dataset, entry.data.options, file=file)
-    except ConfigError as e:
-        raise _blame_override(e, overrides) from None
-    return entry
+    return resolve_entry(raw, str(path), overrides)
 
 
 def list_entries(directory: Path = ZOO_DIR) -> list[str]:

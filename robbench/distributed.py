@@ -1,5 +1,5 @@
 """This process's place in a torchrun job, shared by training (``robbench.train``) and evaluation
-(``robbench.evaluate.distributed``): one handle, one reading of torchrun's environment, one way to join
+(``robbench.evaluate.commit``): one handle, one reading of torchrun's environment, one way to join
 the process group (gloo on CPU, NCCL on GPU). ``world_size`` 1 = a plain single process.
 """
 from __future__ import annotations
@@ -37,10 +37,6 @@ class DistEnv:
             dist.barrier()
 
     # round-robin work items (evaluation: batch b goes to rank b % world)
-    def mine(self, index: int) -> bool:
-        """Whether work item ``index`` (a batch) belongs to this rank."""
-        return index % self.world_size == self.rank
-
     def rounds(self, n_items: int) -> int:
         return (n_items + self.world_size - 1) // self.world_size
 

@@ -231,3 +231,12 @@ def test_random_targets_are_drawn_per_sample_id():
     assert not torch.equal(offsets[:50], offsets[50:])  # not the same offsets in every batch
     assert torch.equal(random_targets(p[1], y, ids, 10, 0), whole)  # pgd10 shares them
     assert random_targets(plan_attacks(load_protocol("dverge-whitebox"))[0], y, ids, 10, 0) is None
+
+
+def test_a_bad_protocol_override_names_the_set(tmp_path: Path):
+    """Protocols get the same --set blame as zoo entries: the error names the override, not only the file."""
+    with pytest.raises(ConfigError) as e:
+        load_protocol("dverge-whitebox", ["batch_size=0"])
+    assert "(--set batch_size=0)" in str(e.value) and e.value.field == "batch_size" and e.value.reason == "config"
+    with pytest.raises(ConfigError, match=r"--set samples.n=0"):
+        load_protocol("dverge-whitebox", ["samples.n=0"])

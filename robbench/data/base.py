@@ -15,7 +15,7 @@ from typing import Any, Sequence, Union
 
 import torch
 
-from robbench.config import parse_dataclass
+from robbench.schema import parse_dataclass
 from robbench.data.info import INFOS, DatasetInfo
 from robbench.errors import ConfigError, DataError
 from robbench.registry import DATASETS

@@ -25,7 +25,7 @@ from typing import Any, Sequence
 
 import torch
 
-from robbench.config import opt
+from robbench.schema import opt
 from robbench.data.base import _as_index_tensor, seeded_generator
 from robbench.data.info import DatasetInfo
 from robbench.errors import DataError

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from robbench.config import opt
+from robbench.schema import opt
 from robbench.data.base import TensorData, seeded_generator
 from robbench.data.info import DatasetInfo
 from robbench.registry import DATASETS

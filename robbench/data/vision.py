@@ -20,7 +20,7 @@ from urllib.parse import urlparse
 
 import torch
 
-from robbench.config import opt
+from robbench.schema import opt
 from robbench.data.base import TensorData
 from robbench.errors import DataError
 from robbench.registry import DATASETS

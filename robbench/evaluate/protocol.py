@@ -13,9 +13,11 @@ import fnmatch
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from robbench.config import (apply_overrides, config_hash, load_raw, opt, parse_dataclass, to_dict)
+from robbench.config import apply_overrides, blame_override, config_hash, load_raw, to_dict
 from robbench.errors import ConfigError
 from robbench.paths import PROTOCOLS_DIR
+from robbench.registry import ATTACKS
+from robbench.schema import opt, parse_dataclass, parse_options
 
 KINDS = ("whitebox", "transfer", "transferability", "autoattack", "clean", "convergence")
 
@@ -161,23 +163,15 @@ class Protocol:
 
 def _attack_params(a: AttackSpec, norm: str, file: str, i: int) -> Any:
     """Validate ``a.params`` with the attack's options dataclass; fill the protocol's norm."""
-    from robbench.registry import ATTACKS
-
     cls = ATTACKS.params(a.attack)
     prefix = f"attacks[{i}].params"
-    if cls is None:
-        if a.params:
-            raise ConfigError(f"attack {a.attack!r} takes no options; got {', '.join(sorted(a.params))}",
-                              file=file, field=prefix)
-        return None
     params = dict(a.params)
-    names = {f.name for f in dataclasses.fields(cls)}
-    if "norm" in names:
+    if cls is not None and "norm" in {f.name for f in dataclasses.fields(cls)}:
         if "norm" in params and params["norm"] != norm:
             raise ConfigError(f"{params['norm']!r} differs from the protocol's norm {norm!r}", file=file,
                               field=f"{prefix}.norm")
         params["norm"] = norm
-    return parse_dataclass(cls, params, file=file, prefix=prefix)
+    return parse_options(cls, params, file=file, prefix=prefix, what=f"attack {a.attack!r}")
 
 
 def load_protocol(name: str, overrides: list[str] | None = None, *, n: int | None = None,
@@ -205,9 +199,12 @@ def load_protocol(name: str, overrides: list[str] | None = None, *, n: int | Non
     raw = apply_overrides(raw, ov)
     file = str(path)
     raw.setdefault("name", path.stem)
-    proto = parse_dataclass(Protocol, raw, file=file)
-    proto.source_file = file
-    proto.overrides = ov
-    for i, a in enumerate(proto.attacks):
-        a.params_parsed = _attack_params(a, a.norm or proto.norm, file, i)
+    try:
+        proto = parse_dataclass(Protocol, raw, file=file)
+        proto.source_file = file
+        proto.overrides = ov
+        for i, a in enumerate(proto.attacks):
+            a.params_parsed = _attack_params(a, a.norm or proto.norm, file, i)
+    except ConfigError as e:
+        raise blame_override(e, ov) from None
     return proto

@@ -41,7 +41,7 @@ def _transform(entry: Any) -> tuple[Any, Any] | tuple[None, None]:
 
 
 def _transform_context(fn: Any, entry: Any, info: DatasetInfo) -> dict[str, Any]:
-    """Optional keywords for a transform that declares them (added for EIO's 'rgn', engineer E):
+    """Optional keywords for a transform that declares them (EIO's 'rgn' does):
     ``info`` and ``rebuild`` (a factory of a fresh plain member, so extra layers get the architecture's
     own init). Transforms taking only ``(net, options)`` are called as before."""
     import inspect

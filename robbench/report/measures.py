@@ -12,8 +12,6 @@ from robbench.report.results import Results, RunInfo, all_or_nothing_counts
 from robbench.report.views import Measure
 from robbench.store import wilson_interval
 
-EPS_TOL = 1e-9
-
 
 @dataclass(frozen=True)
 class Cell:

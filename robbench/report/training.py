@@ -36,10 +36,6 @@ def accuracy_keys(series: dict[str, Any]) -> list[str]:
     return sorted((k for k in series if "acc" in k.lower()), key=lambda k: (k.count("/"), "member" in k, k))
 
 
-def time_key(series: dict[str, Any]) -> str | None:
-    return next((k for k in TIME_KEYS if k in series), None)
-
-
 def loss_keys(series: dict[str, Any]) -> list[str]:
     """Loss series, the total first (``losses/loss`` before ``losses/loss/0``)."""
     return sorted((k for k in series if "loss" in k.lower()), key=lambda k: (k.count("/"), k))

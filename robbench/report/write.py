@@ -14,7 +14,9 @@ from typing import Any
 import pandas as pd
 
 from robbench.errors import ConfigError
-from robbench.report import figures, leaderboard as lb, training
+import robbench.report.figures as figures
+import robbench.report.leaderboard as lb
+import robbench.report.training as training
 from robbench.report.flags import Flag, compute_flags, flags_frame
 from robbench.outcomes import CLEAN_ATTACK, FINAL
 from robbench.report.reference import published

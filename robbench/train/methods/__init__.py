@@ -31,82 +31,12 @@ Randomness inside ``step`` must come from torch's global RNG (or generators deri
 The BatchNorm mode during inner attacks/distillation is each method's named option; use
 :func:`module_mode` to switch and restore it (the attack core never changes train/eval mode).
 """
-from __future__ import annotations
+from robbench.train.methods.base import BNMode, Batch, Method, member_ce, module_mode, per_member_metrics
 
-import contextlib
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterator, Literal
-
-import torch
-from torch import nn
-
-if TYPE_CHECKING:
-    from robbench.train.loop import TrainContext
-
-BNMode = Literal["train", "eval"]
-
-
-@dataclass
-class Batch:
-    """One training step's data: the main stream and any extra independent streams."""
-
-    x: torch.Tensor
-    y: torch.Tensor
-    extra: tuple[tuple[torch.Tensor, torch.Tensor], ...] = field(default_factory=tuple)
-
-
-class Method:
-    """Base class: defaults for the optional hooks (see the module docstring)."""
-
-    streams: int = 1
-    needs_init_from: bool = False
-
-    def __init__(self, options: Any = None) -> None:
-        self.options = options
-
-    def setup(self, ctx: "TrainContext") -> None:
-        pass
-
-    def on_epoch_start(self, ctx: "TrainContext", epoch: int) -> None:
-        pass
-
-    def step(self, ctx: "TrainContext", batch: Batch) -> dict[str, float]:
-        raise NotImplementedError
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
-
-
-@contextlib.contextmanager
-def module_mode(module: nn.Module, mode: BNMode) -> Iterator[nn.Module]:
-    """Put ``module`` (every submodule) in train or eval mode; restore each submodule's flag after."""
-    saved = [(m, m.training) for m in module.modules()]
-    module.train(mode == "train")
-    try:
-        yield module
-    finally:
-        for m, flag in saved:
-            m.training = flag
-
-
-def member_ce(members: list[nn.Module], x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
-    """Cross-entropy of each member on (x, y), one forward per member."""
-    return [nn.functional.cross_entropy(m(x), y) for m in members]
-
-
-def per_member_metrics(name: str, values: list[torch.Tensor]) -> dict[str, float]:
-    """{name: mean over members, name/i: member i} as floats for the log."""
-    vals = [float(v.detach()) for v in values]
-    out = {name: sum(vals) / len(vals)}
-    out.update({f"{name}/{i}": v for i, v in enumerate(vals)})
-    return out
-
+__all__ = ["BNMode", "Batch", "Method", "member_ce", "module_mode", "per_member_metrics"]
 
 # Importing the modules registers the methods.
-from robbench.train.methods import adp, advt, baseline, dverge, dverge_advt, gal  # noqa: E402,F401
-from robbench.train.methods import eio  # noqa: E402,F401  (Ensemble-in-One; engineer E)
-from robbench.train.methods import adv_bases, eed, score_prune  # noqa: E402,F401  (AT bases, pruning, EED)
-from robbench.train.methods import xie  # noqa: E402,F401  (Xie & Yuille adversarial training at scale)
+from robbench.train.methods import adp, advt, baseline, dverge, dverge_advt, gal  # noqa: F401
+from robbench.train.methods import eio  # noqa: F401  (Ensemble-in-One)
+from robbench.train.methods import adv_bases, eed, score_prune  # noqa: F401  (AT bases, pruning, EED)
+from robbench.train.methods import xie  # noqa: F401  (Xie & Yuille adversarial training at scale)

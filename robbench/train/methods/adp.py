@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from robbench.config import opt
 from robbench.registry import METHODS
-from robbench.train.methods import Batch, Method
+from robbench.train.methods.base import Batch, Method
 from robbench.train.methods.advt import AdvOptions, pgd
 
 if TYPE_CHECKING:

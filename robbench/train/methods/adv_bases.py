@@ -36,7 +36,7 @@ from torch import nn
 from robbench.attacks.losses import AttackLoss
 from robbench.config import opt
 from robbench.registry import METHODS
-from robbench.train.methods import Batch, BNMode, Method, module_mode
+from robbench.train.methods.base import Batch, BNMode, Method, module_mode
 
 if TYPE_CHECKING:
     from robbench.train.loop import TrainContext

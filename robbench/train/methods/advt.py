@@ -18,7 +18,7 @@ from torch import nn
 
 from robbench.config import opt
 from robbench.registry import METHODS
-from robbench.train.methods import Batch, BNMode, Method, member_ce, module_mode, per_member_metrics
+from robbench.train.methods.base import Batch, BNMode, Method, member_ce, module_mode, per_member_metrics
 
 if TYPE_CHECKING:
     from robbench.train.loop import TrainContext

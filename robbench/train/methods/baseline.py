@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from robbench.registry import METHODS
-from robbench.train.methods import Batch, Method, member_ce, per_member_metrics
+from robbench.train.methods.base import Batch, Method, member_ce, per_member_metrics
 
 if TYPE_CHECKING:
     from robbench.train.loop import TrainContext

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from robbench.config import opt
 from robbench.errors import ConfigError
 from robbench.registry import METHODS
-from robbench.train.methods import Batch, BNMode, Method, module_mode, per_member_metrics
+from robbench.train.methods.base import Batch, BNMode, Method, module_mode, per_member_metrics
 
 if TYPE_CHECKING:
     from robbench.train.loop import TrainContext

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from robbench.config import opt
 from robbench.registry import METHODS
-from robbench.train.methods import Batch, per_member_metrics
+from robbench.train.methods.base import Batch, per_member_metrics
 from robbench.train.methods.advt import AdvOptions, pgd
 from robbench.train.methods.dverge import DVERGEBase, DVERGEOptions, all_pairs_losses
 

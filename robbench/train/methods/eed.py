@@ -24,7 +24,7 @@ from robbench.errors import ConfigError, UserError
 from robbench.models.eed_team import TeamNet, find_team
 from robbench.pruning.masked import set_phase
 from robbench.registry import METHODS
-from robbench.train.methods import Batch, Method
+from robbench.train.methods.base import Batch, Method
 from robbench.train.methods.adv_bases import AdvBaseOptions, craft
 
 if TYPE_CHECKING:

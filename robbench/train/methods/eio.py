@@ -39,7 +39,7 @@ from robbench.data.base import seeded_generator
 from robbench.eio.rgn import RandomGatedNetwork, find_rgn
 from robbench.errors import ConfigError
 from robbench.registry import METHODS
-from robbench.train.methods import Batch, BNMode, Method, module_mode
+from robbench.train.methods.base import Batch, BNMode, Method, module_mode
 from robbench.train.methods.advt import AdvOptions, pgd
 
 if TYPE_CHECKING:

@@ -31,7 +31,7 @@ from robbench.errors import ConfigError
 from robbench.pruning.masked import masked_layers, set_phase
 from robbench.pruning.rates import has_learnable_rates, hardware_loss
 from robbench.registry import METHODS
-from robbench.train.methods import Batch, Method
+from robbench.train.methods.base import Batch, Method
 from robbench.train.methods.adv_bases import OBJECTIVES, AdvBaseOptions, craft
 
 if TYPE_CHECKING:

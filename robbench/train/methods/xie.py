@@ -58,7 +58,7 @@ from robbench.errors import ConfigError
 from robbench.models import xie_deploy  # noqa: F401  (registers the 'xie' model transform)
 from robbench.models.layers import MixtureBN, bn_route
 from robbench.registry import METHODS
-from robbench.train.methods import Batch, BNMode, Method, module_mode
+from robbench.train.methods.base import Batch, BNMode, Method, module_mode
 from robbench.train.optim_decay import add_weight_decay_, conv_fc_weights
 from robbench.train.optim_warmup import steps_per_epoch, warmup_lr
 
