@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from robbench.config import load_entry
 from robbench.data import get_info
 from robbench.device import pick_device
+from robbench.memformat import choose_memory_format
 from robbench.models import build_model
 from robbench.registry import METHODS
 from robbench.train.loop import DistEnv, TrainContext, build_optimizers
@@ -119,12 +120,15 @@ def main() -> None:
     b, s = args.batch, args.size
     si, ti = torch.rand(b, 3, s, s, device=device), torch.rand(b, 3, s, s, device=device)
     sl = torch.randint(0, 10, (b,), device=device)
-    cl = torch.channels_last
 
     # ---- 1. DVERGE: reference style vs robbench
     entry = entry_for("dverge", 3, s)
     entry = load_entry(entry.name, entry.overrides + [f"train.params.layer={args.layer}"])
     base = build_model(entry, get_info("synthetic", entry.data.options)).to(device).train()
+    # the format robbench trains in: checked per model (robbench.memformat), never assumed
+    choice = choose_memory_format(base, (3, s, s), device, what="ResNet-20 x3")
+    cl = choice.format
+    print(f"memory format: {choice.name}" + (f" ({choice.reason})" if choice.reason else ""))
     init_state = copy.deepcopy(base.state_dict())
 
     ref_model = copy.deepcopy(base)
@@ -167,7 +171,7 @@ def main() -> None:
     print(f"  first-step losses: reference as written (Linf_distillation) {[round(v, 6) for v in ref_losses]}")
     print(f"    robbench, reference layout (NCHW, per-member attacks) {[round(v, 6) for v in par_losses]} "
           f"max |diff| {par_diff:.2e} (0 expected)")
-    print(f"    robbench, fast path (channels_last, batched)          {[round(v, 6) for v in rb_losses]} "
+    print(f"    robbench, fast path ({choice.name + ', batched':21s})    {[round(v, 6) for v in rb_losses]} "
           f"max |diff| {diff:.2e}", flush=True)
 
     if args.skip_methods:

@@ -135,12 +135,13 @@ def main() -> None:
     proto = load_protocol("dverge-whitebox", overrides, n=args.n, eps=eps_list, batch_size=max(200, args.n))
 
     from robbench.checkpoint import load_trained as _lt
-    from robbench.device import memory_format
+    from robbench.memformat import choose_memory_format
 
     def raw_cost(model, x, y, reps: int = 3) -> tuple[float, float]:  # type: ignore[no-untyped-def]
         """Seconds per sample of one fwd+bwd (input gradient) and of one forward, robbench's layout."""
-        m_cl = model.to(memory_format=memory_format(torch.device("cpu")))
-        xb = x.contiguous(memory_format=memory_format(torch.device("cpu")))
+        fmt = choose_memory_format(model, tuple(x.shape[1:]), "cpu", what="bench_resnet20_x3")
+        m_cl = model.to(memory_format=fmt.format)
+        xb = fmt.prepare(x)
         for p in m_cl.parameters():
             p.requires_grad_(False)
         t0 = time.perf_counter()

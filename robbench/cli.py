@@ -92,6 +92,14 @@ def protocols_show(name: str) -> None:
 
 
 # -------------------------------------------------------------------------------------------- train
+def memory_format_option(f):  # type: ignore[no-untyped-def]
+    """--memory-format: auto checks each model's gradients in both formats (robbench.memformat)."""
+    return click.option("--memory-format", "memory_format", type=click.Choice(["auto", "channels_last", "contiguous"]),
+                        default="auto", show_default=True,
+                        help="tensor layout; auto compares gradients in both layouts per model and uses "
+                             "channels_last only where they agree")(f)
+
+
 @main.command()
 @click.argument("entry")
 @click.option("--set", "overrides", multiple=True, help="override a field: key=value (recorded in the manifest)")
@@ -101,14 +109,16 @@ def protocols_show(name: str) -> None:
 @click.option("--data-root", type=click.Path(), default=None, help="dataset directory (default ./data)")
 @click.option("--fresh", is_flag=True,
               help="a run of another config (or built on since-retrained init weights) is moved aside, kept, and trained anew")
+@memory_format_option
 @user_errors
 def train(entry: str, overrides: tuple[str, ...], epochs: int | None, device: str | None,
-          runs_dir: str | None, data_root: str | None, fresh: bool) -> None:
+          runs_dir: str | None, data_root: str | None, fresh: bool, memory_format: str) -> None:
     """Train one zoo entry into runs/<entry>/ (resumes an interrupted run)."""
     from robbench.train.run import train_entry
 
     ov = list(overrides) + ([f"train.epochs={epochs}"] if epochs is not None else [])
-    train_entry(entry, overrides=ov, device=device, runs_dir=runs_dir, data_root=data_root, fresh=fresh)
+    train_entry(entry, overrides=ov, device=device, runs_dir=runs_dir, data_root=data_root, fresh=fresh,
+                memory_format=memory_format)
 
 
 # ----------------------------------------------------------------------------------------- evaluate
@@ -124,15 +134,44 @@ def train(entry: str, overrides: tuple[str, ...], epochs: int | None, device: st
 @click.option("--runs-dir", type=click.Path(), default=None)
 @click.option("--db", type=click.Path(), default=None, help="results store (default results/robbench.db)")
 @click.option("--data-root", type=click.Path(), default=None)
+@memory_format_option
 @user_errors
 def evaluate(protocol: str, entries: tuple[str, ...], n: int | None, eps: str | None, batch_size: int | None,
              overrides: tuple[str, ...], force: bool, device: str | None, runs_dir: str | None, db: str | None,
-             data_root: str | None) -> None:
+             data_root: str | None, memory_format: str) -> None:
     """Run an attack suite on trained entries (all trained entries it applies to when none named)."""
+    import os
+
     from robbench.evaluate.engine import evaluate_protocol
 
-    evaluate_protocol(protocol, list(entries), n=n, eps=eps, batch_size=batch_size, overrides=list(overrides),
-                      force=force, device=device, runs_dir=runs_dir, db=db, data_root=data_root)
+    runs = evaluate_protocol(protocol, list(entries), n=n, eps=eps, batch_size=batch_size,
+                             overrides=list(overrides), force=force, device=device, runs_dir=runs_dir, db=db,
+                             data_root=data_root, memory_format=memory_format)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 alone prints
+        _print_summaries(runs, db)
+
+
+def _print_summaries(runs: dict[str, int], db: str | None) -> None:
+    """Per evaluated entry: its aggregated accuracy per attack (rows) and eps (columns)."""
+    from robbench.evaluate.aggregations import aggregate, groups_from_record
+    from robbench.store import Store
+
+    with Store(db) as store:
+        for name, run_id in runs.items():
+            df = store.outcomes(run_id)
+            if df.empty:
+                continue
+            run = store.run(run_id)
+            proto = run["meta"].get("protocol", {})
+            aggregation = proto.get("aggregation", "all_or_nothing")
+            table = aggregate(aggregation, df, groups_from_record(run["meta"].get("and_groups")))
+            eps_cols = sorted(table["eps"].unique())
+            click.echo(f"\n{name} - {run['protocol']} ({aggregation}, n={int(table['n'].max())}, run {run_id})")
+            click.echo(f"{'attack':34s} {'member':>6s} " + " ".join(f"{e:>7.4g}" for e in eps_cols))
+            for (attack, member), g in table.groupby(["attack", "member"], sort=False):
+                vals = {float(e): a for e, a in zip(g["eps"], g["accuracy"])}
+                cells = " ".join(f"{100 * vals[e]:6.1f}%" if e in vals else f"{'':>7s}" for e in eps_cols)
+                click.echo(f"{str(attack)[:34]:34s} {int(member):>6d} {cells}")
 
 
 # ------------------------------------------------------------------------------------------- report
@@ -160,13 +199,15 @@ def report(paper: str, out: str, db: str | None, runs_dir: str | None, fmt: str)
 @click.option("--device", default=None)
 @click.option("--runs-dir", type=click.Path(), default=None)
 @click.option("--fresh", is_flag=True, help="fine-tuned runs built on older derived weights are moved aside and redone")
+@memory_format_option
 @user_errors
 def derive(entry: str, path: str, count: int, seed: int, device: str | None, runs_dir: str | None,
-           fresh: bool) -> None:
+           fresh: bool, memory_format: str) -> None:
     """Derive plain single-path models from a trained random gated network (Ensemble-in-One)."""
     from robbench.eio.derive import derive_paths
 
-    derive_paths(entry, path=path, count=count, seed=seed, device=device, runs_dir=runs_dir, fresh=fresh)
+    derive_paths(entry, path=path, count=count, seed=seed, device=device, runs_dir=runs_dir, fresh=fresh,
+                 memory_format=memory_format)
 
 
 # --------------------------------------------------------------------------------------------- demo
@@ -174,12 +215,13 @@ def derive(entry: str, path: str, count: int, seed: int, device: str | None, run
 @click.option("--out", type=click.Path(), default="reports/demo", help="report folder")
 @click.option("--smallest", is_flag=True, help="the smallest end-to-end size (used by the tests)")
 @click.option("--device", default=None)
+@memory_format_option
 @user_errors
-def demo(out: str, smallest: bool, device: str | None) -> None:
+def demo(out: str, smallest: bool, device: str | None, memory_format: str) -> None:
     """The embedded default: a complete mini benchmark on scikit-learn's digits (resumes if interrupted)."""
     from robbench.demo import run_demo
 
-    run_demo(out=out, smallest=smallest, device=device)
+    run_demo(out=out, smallest=smallest, device=device, memory_format=memory_format)
 
 
 if __name__ == "__main__":

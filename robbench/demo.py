@@ -93,7 +93,7 @@ def _say(msg: str) -> None:
 
 def run_demo(out: str | Path = "reports/demo", smallest: bool = False, device: str | None = None,
              runs_dir: str | Path | None = None, db: str | Path | None = None,
-             data_root: str | Path | None = None) -> Path:
+             data_root: str | Path | None = None, memory_format: str = "auto") -> Path:
     """Train, evaluate and report the digits demo into ``out``; returns the report's index path.
 
     Full size uses the usual ``runs/`` and ``results/robbench.db`` (so ``robbench report`` sees the demo
@@ -122,14 +122,14 @@ def run_demo(out: str | Path = "reports/demo", smallest: bool = False, device: s
         _say(f"train {e['name']}")
         # fresh: a demo run left by an older demo config is moved aside (kept) and retrained
         train_entry(e["name"], overrides=smallest_overrides(e["method"]) if smallest else [], device=device,
-                    runs_dir=runs, data_root=data_root, progress=False, fresh=True)
+                    runs_dir=runs, data_root=data_root, progress=False, fresh=True, memory_format=memory_format)
     for e in entries:
         if EIO_DERIVED_TAG in e["tags"]:
             # deriving is cheap and gives the same bytes for the same RGN, so a finished fine-tune is
             # reused, and one built on an older RGN is moved aside and redone
             _say(f"derive and fine-tune {e['name']} ({EIO_PATHS} path)")
             derive_paths(e["name"], count=EIO_PATHS, seed=0, device=device, runs_dir=runs, data_root=data_root,
-                         fresh=True)
+                         fresh=True, memory_format=memory_format)
     _say(f"training done in {time.perf_counter() - t0:.0f}s")
 
     for proto in demo_protocols():
@@ -137,7 +137,7 @@ def run_demo(out: str | Path = "reports/demo", smallest: bool = False, device: s
         targets = demo_targets(proto, runs, n)
         _say(f"evaluate {proto} on {len(targets)} entries")
         evaluate_protocol(proto, targets, n=n, device=device, runs_dir=runs, db=store, data_root=data_root,
-                          quiet=True)
+                          quiet=True, memory_format=memory_format)
     _say(f"evaluation done at {time.perf_counter() - t0:.0f}s")
     index = write_report(paper=DEMO_PAPER, out=out, db=store, runs_dir=runs, fmt="md")
     _say(f"report written to {index} ({time.perf_counter() - t0:.0f}s in all)")

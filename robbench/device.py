@@ -11,11 +11,6 @@ def pick_device(name: str | None = None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def memory_format(device: torch.device) -> torch.memory_format:
-    """channels_last is a measured free +20-37% on CPU (notes/environment-measurements.md) and helps on GPU."""
-    return torch.channels_last
-
-
 def use_vmap(device: torch.device) -> bool:
     """vmap over ensemble members is slower than a loop on CPU (0.54-1.0x measured); use it on GPU."""
     return device.type == "cuda"

@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from dverge_reference import RefResNet20, ref_state_as_ours  # tests/dverge_reference.py
 
 from robbench.config import DataSpec, ModelSpec, ZooEntry
 from robbench.data.info import CIFAR_MEAN, DVERGE_STD, INFOS
@@ -67,8 +70,13 @@ def _small(arch: str, info=CIFAR, **extra) -> nn.Module:
 # Shapes, taps, counts for every architecture
 # ----------------------------------------------------------------------------------------------
 
+# Architectures built from other trained runs (no taps of their own), tested in their own files.
+COMPOSITE = {"eed_team": "tests/test_eed_team.py"}
+
+
 def test_every_registered_arch_is_covered():
-    assert set(ARCHITECTURES.names()) == set(EXPECTED_TAPS)
+    assert set(ARCHITECTURES.names()) == set(EXPECTED_TAPS) | set(COMPOSITE)
+    assert all((Path(__file__).parent.parent / f).is_file() for f in COMPOSITE.values())
 
 
 @pytest.mark.parametrize("arch", sorted(EXPECTED_TAPS))
@@ -109,89 +117,16 @@ def test_resnet20_tap_shapes():
 
 
 # ----------------------------------------------------------------------------------------------
-# ResNet-20 against a re-statement of DVERGE's models/resnet.py (same init RNG order, same forward,
-# same get_features indexing)
+# ResNet-20 against DVERGE's models/resnet.py as written (tests/dverge_reference.py)
 # ----------------------------------------------------------------------------------------------
-
-class _RefBlock(nn.Module):
-    def __init__(self, cin, planes, stride, downsample):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, planes, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.downsample = downsample
-
-    def forward(self, x, before_relu=False, intermediate=False):
-        out = self.bn1(self.conv1(x))
-        if intermediate:
-            return out if before_relu else self.relu(out)
-        out = self.bn2(self.conv2(self.relu(out)))
-        out = out + (self.downsample(x) if self.downsample is not None else x)
-        return out if before_relu else self.relu(out)
-
-
-class _RefResNet20(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.inplanes = 16
-        self.conv1 = nn.Conv2d(3, 16, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(16)
-        self.relu = nn.ReLU(inplace=True)
-        self.layer1 = self._make(16, 1)
-        self.layer2 = self._make(32, 2)
-        self.layer3 = self._make(64, 2)
-        self.avgpool = nn.AvgPool2d(8)
-        self.fc = nn.Linear(64, 10)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                m.weight.data.normal_(0, math.sqrt(2.0 / (m.kernel_size[0] * m.kernel_size[1] * m.out_channels)))
-            elif isinstance(m, nn.BatchNorm2d):
-                m.weight.data.fill_(1)
-                m.bias.data.zero_()
-
-    def _make(self, planes, stride):
-        ds = None
-        if stride != 1 or self.inplanes != planes:  # built before the block, as the reference does
-            ds = nn.Sequential(nn.Conv2d(self.inplanes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
-        blocks = [_RefBlock(self.inplanes, planes, stride, ds)]
-        self.inplanes = planes
-        blocks += [_RefBlock(planes, planes, 1, None) for _ in range(2)]
-        return nn.Sequential(*blocks)
-
-    def forward(self, x):
-        x = self.relu(self.bn1(self.conv1(x)))
-        x = self.layer3(self.layer2(self.layer1(x)))
-        return self.fc(self.avgpool(x).flatten(1))
-
-    def get_features(self, x, layer, before_relu):
-        x = self.bn1(self.conv1(x))
-        if layer == 1:
-            return x
-        x = self.relu(x)
-        for stage in (self.layer1, self.layer2, self.layer3):
-            if layer <= 7:
-                rel = layer - 1  # 1..6
-                for blk in stage[: (rel - 1) // 2]:
-                    x = blk(x)
-                return stage[(rel - 1) // 2](x, before_relu, intermediate=(rel % 2 == 1))
-            x = stage(x)
-            layer -= 6
-        return self.fc(self.avgpool(x).flatten(1))
-
-
-def _ref_state_as_ours(ref: nn.Module) -> dict[str, torch.Tensor]:
-    return {k.replace("downsample", "shortcut"): v for k, v in ref.state_dict().items()}
-
 
 def test_resnet20_matches_dverge_reference():
     torch.manual_seed(123)
-    ref = _RefResNet20()
+    ref = RefResNet20()
     torch.manual_seed(123)
     net = build_network(_spec("resnet20", normalization="none"), CIFAR)
     ours = net.state_dict()
-    theirs = _ref_state_as_ours(ref)
+    theirs = ref_state_as_ours(ref)
     assert set(ours) == set(theirs)
     for k in ours:  # same seed -> identical initial weights (same RNG consumption order)
         assert torch.equal(ours[k], theirs[k]), k
@@ -199,12 +134,12 @@ def test_resnet20_matches_dverge_reference():
     for mode in ("eval", "train"):
         getattr(ref, mode)()
         getattr(net, mode)()
-        assert torch.allclose(net(x), ref(x), atol=1e-5)
+        assert torch.equal(net(x), ref(x))  # to the bit: same ops, same pooling (AvgPool2d(8))
         for layer in range(1, 21):
             for before in (True, False):
                 a = get_features(net, x, layer, before_relu=before)
                 b = ref.get_features(x.clone(), layer, before)
-                assert a.shape == b.shape and torch.allclose(a, b, atol=1e-5), (mode, layer, before)
+                assert a.shape == b.shape and torch.equal(a, b), (mode, layer, before)
 
 
 def test_dverge_normalization_layer():

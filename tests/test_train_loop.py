@@ -81,6 +81,7 @@ class _Interrupt(Exception):
     ("demo_dverge_x3", ["train.params.steps=1", "train.params.layer=0"]),  # two streams, layer per epoch
     ("demo_gal_x3", ["train.params.clean_ce_second_forward=false"]),  # global-RNG noise
     ("demo_advt_x3", ["train.params.adv_steps=2"]),                        # random starts
+    ("demo_baseline_x3", ["model.width=0.5"]),                             # no bad-kernel shortcut
 ])
 def test_interrupted_run_resumes_to_identical_weights(tmp_path, monkeypatch, entry, sets):
     # 3 batches per epoch, state saved after every batch
@@ -110,8 +111,9 @@ def test_interrupted_run_resumes_to_identical_weights(tmp_path, monkeypatch, ent
     assert log == [1, 2]
 
 
-def test_sigkilled_run_resumes_to_identical_weights(tmp_path):
-    over = SYNTH + ["train.epochs=4", "train.save_every_steps=2"]
+@pytest.mark.parametrize("width", [0.25, 0.5])  # 0.25: the 1x1 stride-2 shortcut torch 2.14.1 gets wrong in channels_last
+def test_sigkilled_run_resumes_to_identical_weights(tmp_path, width):
+    over = SYNTH + ["train.epochs=4", "train.save_every_steps=2", f"model.width={width}"]
     train_entry("demo_baseline_x3", over, device="cpu", runs_dir=tmp_path / "a", progress=False)
     env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
     cmd = [sys.executable, "-m", "robbench", "train", "zoo/demo_baseline_x3", "--device", "cpu",

@@ -1,6 +1,7 @@
 """Each training objective on hand-checkable cases, the schedule, the DVERGE layer draw and distillation."""
 from __future__ import annotations
 
+import copy
 import math
 import random
 
@@ -231,3 +232,35 @@ def test_feature_mse_batch_gradient_is_mseloss_to_the_bit():
     assert torch.allclose(feature_mse_batch(f, t, 12).sum(), torch.nn.MSELoss()(f, t), rtol=1e-6)
     per_sample = torch.autograd.grad(feature_mse(f, t).sum(), f)[0] / 12
     assert torch.allclose(per_sample, ref, rtol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_distillation_equals_reference_model_at_every_layer(mode):
+    """Distillation on robbench's ResNet-20 equals ``Linf_distillation`` on DVERGE's own ResNet-20
+    (models/resnet.py re-stated in tests/dverge_reference.py, AvgPool2d(8) pooling) to the bit at every
+    layer 1..20, 10 momentum sign steps, BN in eval and in train mode (the running statistics too)."""
+    from dverge_reference import RefResNet20, linf_distillation, ref_state_as_ours  # tests/dverge_reference.py
+
+    from robbench.config import ModelSpec
+    from robbench.data.info import INFOS
+    from robbench.models import build_network
+    from robbench.train.distill import distill
+
+    torch.manual_seed(123)
+    ref0 = RefResNet20()
+    torch.manual_seed(123)
+    ours0 = build_network(ModelSpec(arch="resnet20", normalization="none"), INFOS["cifar10"])
+    ours0.load_state_dict(ref_state_as_ours(ref0))
+    g = torch.Generator().manual_seed(5)
+    x_s, x_t = torch.rand(3, 3, 32, 32, generator=g), torch.rand(3, 3, 32, 32, generator=g)
+    for layer in range(1, 21):
+        ours, ref = copy.deepcopy(ours0), copy.deepcopy(ref0)
+        getattr(ours, mode)(), getattr(ref, mode)()
+        got = distill([ours], x_s, x_t, layer, eps=0.07, step_size=0.007, steps=10, recompute_target=True,
+                      batched=False, iterate="x")[0]
+        want = linf_distillation(ref, x_s, x_t, 0.07, 0.007, 10, layer)
+        assert torch.equal(got, want), (layer, (got - want).abs().max().item())
+        assert (got != x_s).float().mean() > 0.5, layer  # the attack moved most pixels
+        theirs = ref_state_as_ours(ref)
+        for k, v in ours.state_dict().items():
+            assert torch.equal(v, theirs[k]), (layer, k)  # same BN running-statistic updates

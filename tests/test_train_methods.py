@@ -8,6 +8,7 @@ import torch
 
 from robbench.config import load_entry
 from robbench.data import get_info
+from robbench.memformat import choose_memory_format
 from robbench.models import build_model
 from robbench.registry import METHODS
 from robbench.train.loop import DistEnv, TrainContext, build_optimizers
@@ -31,10 +32,13 @@ CASES = {
 
 def _ctx(entry):
     torch.manual_seed(0)
-    model = build_model(entry, get_info("digits")).to(memory_format=torch.channels_last).train()
+    model = build_model(entry, get_info("digits")).train()
+    # the same per-model check users get (robbench.memformat), never a hard-coded layout
+    fmt = choose_memory_format(model, (1, 8, 8), "cpu", what=entry.name)
+    model = model.to(memory_format=fmt.format)
     opts = build_optimizers(model, list(model.members), entry.train.optimizer)
     return TrainContext(entry=entry, model=model, optimizers=opts, device=torch.device("cpu"), dist=DistEnv(),
-                        seed=0, num_classes=10, memory_format=torch.channels_last)
+                        seed=0, num_classes=10, memory_format=fmt.format)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -46,7 +50,7 @@ def test_one_step_changes_every_member(case):
     method.setup(ctx)
     method.on_epoch_start(ctx, 0)
     g = torch.Generator().manual_seed(1)
-    x = torch.rand(32, 1, 8, 8, generator=g).contiguous(memory_format=torch.channels_last)
+    x = ctx.prepare(torch.rand(32, 1, 8, 8, generator=g))
     y = torch.randint(0, 10, (32,), generator=g)
     xt = torch.rand(32, 1, 8, 8, generator=g)
     batch = Batch(x, y, tuple((xt, y) for _ in range(method.streams - 1)))

@@ -133,7 +133,7 @@ def _check_same_architecture(ft: ZooEntry, src: ZooEntry) -> None:
 
 def derive_paths(entry: str, path: str = "random", count: int = 1, seed: int = 0, device: str | None = None,
                  runs_dir: str | Path | None = None, data_root: str | Path | None = None,
-                 fresh: bool = False) -> list[str]:
+                 fresh: bool = False, memory_format: str = "auto") -> list[str]:
     """Derive ``count`` paths (or the explicit ``path``) of a trained RGN as runs; returns the run names
     written (fine-tuned ones last). See the module docstring for names and fine-tuning."""
     e = load_entry(entry)
@@ -171,12 +171,12 @@ def derive_paths(entry: str, path: str = "random", count: int = 1, seed: int = 0
     if finetune is None:
         return names
     return names + finetune_derived(finetune, names[:len(paths)], paths, explicit is not None, seed, device,
-                                    runs_dir, data_root, fresh)
+                                    runs_dir, data_root, fresh, memory_format)
 
 
 def finetune_derived(ft: ZooEntry, derived: list[str], paths: list[GatePath], explicit: bool, seed: int,
                      device: str | None, runs_dir: str | Path | None, data_root: str | Path | None,
-                     fresh: bool = False) -> list[str]:
+                     fresh: bool = False, memory_format: str = "auto") -> list[str]:
     """Fine-tune each derived path with ``ft``'s training spec (a run per path, resumable like any
     training), then assemble the K fine-tuned members into one ensemble run."""
     from robbench.models import build_model
@@ -187,7 +187,7 @@ def finetune_derived(ft: ZooEntry, derived: list[str], paths: list[GatePath], ex
         # a tuned run started from older derived weights (the RGN was retrained) is stale: train_entry
         # refuses it, or with ``fresh`` moves it aside
         train_entry(ft.source, overrides=[*ft.overrides, f"name={name}", f"train.init_from={src_run}"],
-                    device=device, runs_dir=runs_dir, data_root=data_root, fresh=fresh)
+                    device=device, runs_dir=runs_dir, data_root=data_root, fresh=fresh, memory_format=memory_format)
     if len(names) > len(paths):
         ens_name = names[-1]
         members = []

@@ -32,7 +32,7 @@ from torch import nn
 
 from robbench.checkpoint import RunDir, rng_state, set_rng_state
 from robbench.config import OptimizerSpec, ScheduleSpec, ZooEntry
-from robbench.device import memory_format
+from robbench.memformat import FormatChoice, choose_memory_format
 # the torchrun handle is shared with evaluation; re-exported here, where training code imports it from
 from robbench.distributed import DistEnv, dist_env_from_environment  # noqa: F401
 from robbench.errors import CheckpointError, ConfigError
@@ -250,7 +250,7 @@ def load_resume_state(run: RunDir, entry: ZooEntry) -> dict[str, Any] | None:
     try:
         state = run.load_train_state()
     except CheckpointError as e:
-        if "sha256 mismatch" not in str(e) or not run.train_state_path.is_file():
+        if e.reason != "checkpoint-hash" or not run.train_state_path.is_file():
             raise
         state = torch.load(run.train_state_path, map_location="cpu", weights_only=True)
     if state is None:
@@ -295,16 +295,20 @@ def _shard(t: torch.Tensor, env: DistEnv) -> torch.Tensor:
 
 def train_loop(entry: ZooEntry, model: nn.Module, method: Method, run: RunDir | None, *, device: torch.device,
                data_root: Any = None, env: DistEnv = DistEnv(), progress: bool = True,
-               resume: bool = True) -> LoopResult:
+               resume: bool = True, memory_format: str | FormatChoice = "auto") -> LoopResult:
     """Train ``model`` (an Ensemble, already on ``device``) for ``entry.train.epochs`` with ``method``.
 
     Resumes from ``run``'s train state when present; writes train state and ``log.jsonl`` there
-    (rank 0). ``run=None`` trains without any files (benchmarks, tests)."""
+    (rank 0). ``run=None`` trains without any files (benchmarks, tests). ``memory_format`` is a
+    :class:`FormatChoice` already made, or what to request from :func:`choose_memory_format`."""
     from robbench.data import BatchLoader, get_info, load_split
 
     t = entry.train
     info = get_info(entry.data.dataset, entry.data.options)
-    mf = memory_format(device)
+    fmt = memory_format if isinstance(memory_format, FormatChoice) else choose_memory_format(
+        model, (info.in_channels, info.image_size, info.image_size), device, memory_format, what=entry.name,
+        batch_size=max(1, entry.data.batch_size // env.world_size))
+    mf = fmt.format
     model.to(memory_format=mf)
     opts = build_optimizers(model, list(model.members), t.optimizer)  # type: ignore[attr-defined]
     ctx = TrainContext(entry=entry, model=model, optimizers=opts, device=device, dist=env, seed=t.seed,

@@ -64,7 +64,9 @@ def load_init_from(entry: ZooEntry, model: torch.nn.Module, runs_dir: Path | str
     try:
         src, manifest = load_trained(name, runs_dir, device)
     except CheckpointError as e:
-        msg = str(e) if "robbench train" in str(e) else f"{e}; retrain it with: robbench train zoo/{name}"
+        # missing or unfinished runs already name the train command; others get it added
+        has_remedy = e.reason in ("checkpoint-missing", "checkpoint-incomplete")
+        msg = str(e) if has_remedy else f"{e}; retrain it with: robbench train zoo/{name}"
         raise UserError(f"starts from {name!r}, not usable yet: {msg}", file=entry.source,
                         field="train.init_from") from None
     sd = src.state_dict()
@@ -96,11 +98,14 @@ def stale_reason(run: RunDir, entry: ZooEntry, runs_dir: Path | str | None) -> s
 
 def train_entry(spec: str, overrides: list[str] | None = None, device: str | None = None,
                 runs_dir: str | Path | None = None, data_root: str | Path | None = None,
-                progress: bool = True, fresh: bool = False) -> dict[str, Any]:
+                progress: bool = True, fresh: bool = False, memory_format: str = "auto") -> dict[str, Any]:
     """Train (or resume, or confirm) one zoo entry; returns the run's manifest (rank 0's view).
 
     A run on disk that is stale (:func:`stale_reason`) is an error, or with ``fresh`` is moved aside to
-    ``runs/<entry>.stale-<time>`` (kept, never deleted) and trained anew."""
+    ``runs/<entry>.stale-<time>`` (kept, never deleted) and trained anew. ``memory_format`` ("auto",
+    "channels_last", "contiguous") is chosen by :func:`robbench.memformat.choose_memory_format` and
+    recorded in the manifest."""
+    from robbench.memformat import choose_memory_format
     from robbench.data import get_info
     from robbench.models import build_model
 
@@ -142,7 +147,11 @@ def train_entry(spec: str, overrides: list[str] | None = None, device: str | Non
         method = method_cls(entry.method_params)
 
         resuming = run.exists() and "train_state.pt" in run.read_manifest().get("files", {})
-        extra: dict[str, Any] = {"device": str(dev), "world_size": env.world_size}
+        fmt = choose_memory_format(model, (info.in_channels, info.image_size, info.image_size), dev,
+                                   memory_format, what=entry.name,
+                                   batch_size=max(1, entry.data.batch_size // env.world_size))
+        extra: dict[str, Any] = {"device": str(dev), "world_size": env.world_size,
+                                 "memory_format": fmt.as_record()}
         if entry.train.init_from and not resuming:
             extra["init_from"] = load_init_from(entry, model, runs_dir, dev)
         if env.is_main:
@@ -152,7 +161,7 @@ def train_entry(spec: str, overrides: list[str] | None = None, device: str | Non
             seed_everything(entry.train.seed + 1000003 * env.rank)
 
         result = train_loop(entry, model, method, run, device=dev, data_root=data_root, env=env,
-                            progress=progress)
+                            progress=progress, memory_format=fmt)
         manifest: dict[str, Any] = {}
         last = result.last or (run.read_log()[-1] if env.is_main and run.read_log() else {})
         if env.is_main:
