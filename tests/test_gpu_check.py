@@ -240,3 +240,17 @@ def test_cpu_quick_run_of_a_subset(tmp_path: Path) -> None:
     assert list(pgd["data"]["run_ids"]) == ["dverge_resnet20_x3"]  # the engine evaluated the run
     md = (out / "gpu_check.md").read_text()
     assert "QUICK mode" in md and "vmap vs loop" in md
+
+
+def test_the_documented_tiny_cpu_command_passes_and_writes_both_files(tmp_path: Path) -> None:
+    """The issue's command as a user types it: every section either passes or says why it was skipped."""
+    out = tmp_path / "x"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--tiny", "--device", "cpu",
+                           "--out", str(out)], capture_output=True, text=True, timeout=900, env=env, cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rec = json.loads((out / "gpu_check.json").read_text())
+    bad = {k: v["status"] for k, v in rec["sections"].items()
+           if not (v["status"] == "ok" or v["status"].startswith("skipped: no CUDA"))}
+    assert not bad, bad
+    assert (out / "gpu_check.md").read_text().strip()
