@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from robbench.errors import ConfigError
 from robbench.paths import PROTOCOLS_DIR, ZOO_DIR
+from robbench.registry import ARCHITECTURES, METHODS
 from robbench.schema import config_hash, opt, parse_dataclass, parse_options, to_dict
 
 # the option machinery lives in robbench.schema; these names are part of this module's interface
@@ -214,8 +215,7 @@ def resolve_entry(raw: dict[str, Any], file: str, overrides: list[str] | None = 
     architecture's options, its dataset's options. The one resolver of zoo entries, from ``zoo/`` files
     (:func:`load_entry`) and from run manifests (``robbench.checkpoint.entry_from_manifest``, ``prefix``
     = where the entry sits in that file); errors an override caused name the ``--set``."""
-    from robbench.data import validate_options
-    from robbench.registry import ARCHITECTURES, METHODS
+    from robbench.data import validate_options  # here: the datasets bring torch; `zoo list` needs none
 
     overrides = list(overrides or [])
     at = (lambda f: f"{prefix}.{f}") if prefix else (lambda f: f)

@@ -37,6 +37,7 @@ import pandas as pd
 from robbench.errors import UserError
 from robbench.outcomes import BATCH_COLUMNS, KEY_COLUMNS, ROLES, BatchKey, OutcomeKey
 from robbench.paths import results_db
+from robbench.store_migrate import migrate
 
 SCHEMA_VERSION = 2
 RUN_STATUSES = ("running", "done", "failed", "superseded")
@@ -167,8 +168,6 @@ class Store:
             if version is not None and int(version) == SCHEMA_VERSION:
                 return
             if version is not None:
-                from robbench.store_migrate import migrate
-
                 migrate(self.conn, int(version), SCHEMA_VERSION, file=str(self.path), tables=_tables())
                 return
             # One statement at a time: executescript would commit our transaction first.
@@ -227,7 +226,7 @@ class Store:
         ``target`` (the evaluated entry) or ``source`` (a transfer source's accuracy on its own sets)."""
         if role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, got {role!r}")
-        if versions is None:
+        if versions is None:  # imported here: the checkpoint module brings torch, the report reads without it
             from robbench.checkpoint import library_versions
 
             versions = library_versions()

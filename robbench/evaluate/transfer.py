@@ -27,10 +27,13 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
+from safetensors.torch import load_file, save, save_file
 
-from robbench.config import config_hash
+from robbench import __version__
+from robbench.data.subsets import indices_sha256
 from robbench.errors import DataError
 from robbench.paths import cache_dir
+from robbench.schema import config_hash
 
 FORMAT = "robbench-transfer-set"
 FORMAT_VERSION = 1
@@ -38,19 +41,12 @@ TENSORS = "adv.safetensors"
 MANIFEST = "manifest.json"
 
 
-def ids_sha256(ids: Sequence[int]) -> str:
-    """Same canonical form as ``robbench.data.subsets.indices_sha256``."""
-    from robbench.data.subsets import indices_sha256
-
-    return indices_sha256(ids)
-
-
 def set_fields(*, source: str, source_sha256: str, attack: str, params: dict[str, Any], norm: str,
                eps: float, dataset: str, split: str, sample_ids: Sequence[int], seed: int) -> dict[str, Any]:
     """Everything that decides a set's content (the key is the hash of this). ``source`` (the entry
     name) is informational only: the checkpoint hash identifies the model."""
     return {"source_sha256": source_sha256, "attack": attack, "params": params, "norm": norm,
-            "eps": float(eps), "dataset": dataset, "split": split, "sample_ids_sha256": ids_sha256(sample_ids),
+            "eps": float(eps), "dataset": dataset, "split": split, "sample_ids_sha256": indices_sha256(sample_ids),
             "n": len(sample_ids), "seed": int(seed), "_source_name": source}
 
 
@@ -84,7 +80,6 @@ def _sha256_file(path: Path) -> str:
 def load_set(key: str, *, root: str | Path | None = None, expect_ids: Sequence[int] | None = None,
              expect_labels: torch.Tensor | None = None) -> TransferSet:
     """Read and verify one set: key, file hash, tensor shapes, and sample/label alignment."""
-    from safetensors.torch import load_file
 
     d = transfer_root(root) / key
     mf, tf = d / MANIFEST, d / TENSORS
@@ -127,9 +122,7 @@ def exists(key: str, root: str | Path | None = None) -> bool:
 def _publish(root: Path, key: str, fields: dict[str, Any], tensors: dict[str, torch.Tensor],
              extra: dict[str, Any]) -> None:
     """Write a complete set into a temp dir, then rename it to ``<root>/<key>`` (atomic)."""
-    from safetensors.torch import save
 
-    from robbench import __version__
 
     final = root / key
     if final.exists():
@@ -177,7 +170,6 @@ def ensure_sets(fields_per_eps: dict[float, dict[str, Any]], *, sample_ids: Sequ
     generation resumes at the next batch; ``stats['generated_batches']`` counts batches crafted here.
     ``shard=(rank, world)``: craft only batches ``b % world == rank`` (torchrun; the cache directory
     must be shared); ``assemble=False``: stop before publishing (rank 0 assembles after a barrier)."""
-    from safetensors.torch import load_file, save_file
 
     root_p = transfer_root(root)
     keys = {e: set_key(f) for e, f in fields_per_eps.items()}

@@ -13,16 +13,19 @@ from typing import Any
 
 import pandas as pd
 
-from robbench.errors import ConfigError
 import robbench.report.figures as figures
 import robbench.report.leaderboard as lb
 import robbench.report.training as training
-from robbench.report.flags import Flag, compute_flags, flags_frame
+from robbench.errors import ConfigError
 from robbench.outcomes import CLEAN_ATTACK, FINAL
-from robbench.report.reference import published
+from robbench.paths import results_db
+from robbench.paths import runs_dir as default_runs
+from robbench.report.flags import Flag, compute_flags, flags_frame
+from robbench.report.reference import published, table_layout
 from robbench.report.results import Results
 from robbench.report.tables import (TableResult, build_table, cell_text, decimals, fmt_ref, method_of, size_of)
 from robbench.report.views import Heatmap, Iterations, TrainingTime, View, ViewsFile, load_views
+from robbench.store import transfer_matrix
 
 FORMATS = ("md", "csv", "json")
 _SLUG = re.compile(r"[^A-Za-z0-9._-]+")
@@ -143,8 +146,6 @@ class PaperReport:
 
     def _published_md(self, view: View, t: TableResult) -> list[str]:
         p, tb = view.ref_paper_table
-        from robbench.report.reference import table_layout
-
         rows, cols = table_layout(p, tb)
         rows = [r for r in rows if r in view.rows] or rows  # the rows this view reproduces, for shape
         if not rows:
@@ -189,8 +190,6 @@ class PaperReport:
 
     # ----------------------------------------------------------------------------- heatmaps
     def heatmaps(self, spec: Heatmap) -> None:
-        from robbench.store import transfer_matrix
-
         runs = [r for r in self.results.runs_of(spec.protocol) if not spec.entries or r.entry in spec.entries]
         order = {e: i for i, e in enumerate(spec.entries)}
         runs.sort(key=lambda r: (order.get(r.entry, len(order)), r.entry))
@@ -389,8 +388,6 @@ def write_report(paper: str = "all", out: str | Path = "reports", db: str | Path
     """Write the report for ``paper`` (a paper id of the views file, or ``all``) into ``out``:
     ``<paper>/README.md`` (+ PNGs), ``index.md``, ``leaderboard.md`` and ``leaderboard.html``
     (``fmt='csv'|'json'``: the same numbers as files for machines). Returns the index path."""
-    from robbench.paths import results_db, runs_dir as default_runs
-
     if fmt not in FORMATS:
         raise ConfigError(f"unknown format {fmt!r}; allowed: {', '.join(FORMATS)}", field="--format")
     spec = load_views(views)
