@@ -23,13 +23,14 @@ without a check.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
 import subprocess
 import sys
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -37,9 +38,13 @@ from torch import nn
 MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
 _FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
 
-# float32 rounding differs between the two formats' kernels by ~1e-6 relative; the known-wrong kernel is
-# off by O(1) relative. 1e-3 of the largest gradient separates the two by orders of magnitude.
-RTOL = 1e-3
+# float32 rounding differs between the two formats' kernels by ~1e-6-1e-5 relative (measured on ResNet-20,
+# TF32 off); the wrong kernels are off by 1e-4-1e+1 relative, depending on the input.
+RTOL = 1e-4
+# Wrong channels_last results on this project's AVX512 machine depend on the input: the same width-0.25
+# ResNet-20 at batch 256 is off by 3e-5 for one uniform draw and 2e-2 for another, so the whole model is
+# checked on several draws (the first wrong one ends the check).
+DRAWS = 3
 MAX_PROBE_BATCH = 512  # bounds the cost of the check; training and attack batches are at most this in the zoo
 
 
@@ -237,13 +242,16 @@ def model_gradient_diff(model: nn.Module, input_shape: Sequence[int], device: to
     input gradient of ``model`` on ``batch`` inputs (copies, in the model's train/eval mode, same RNG
     stream for both), and the tensor where it occurs (the first module whose output gradient already
     differs is :func:`_first_wrong_module`'s to find)."""
-    x0 = torch.rand(batch, *input_shape, generator=torch.Generator().manual_seed(0))
-    a, b = (_gradients(model, x0, device, mf) for mf in (torch.contiguous_format, torch.channels_last))
     worst, where = 0.0, ""
-    for k, v in a.items():
-        d = _max_rel_diff(v, b.get(k))
-        if d > worst:
-            worst, where = d, k
+    for seed in range(DRAWS):
+        x0 = torch.rand(batch, *input_shape, generator=torch.Generator().manual_seed(seed))
+        a, b = (_gradients(model, x0, device, mf) for mf in (torch.contiguous_format, torch.channels_last))
+        for k, v in a.items():
+            d = _max_rel_diff(v, b.get(k))
+            if d > worst:
+                worst, where = d, k
+        if worst > RTOL:
+            break
     return worst, where
 
 
@@ -287,6 +295,28 @@ def choose_memory_format(model: nn.Module, input_shape: Sequence[int], device: t
     if len(input_shape) != 3:  # not images: channels_last does not apply
         return FormatChoice("contiguous", requested, "inputs are not images")
     batch = max(1, min(int(batch_size), MAX_PROBE_BATCH))
+    with _exact_math(device):
+        return _choose_checked(model, input_shape, device, requested, what, batch)
+
+
+@contextlib.contextmanager
+def _exact_math(device: torch.device) -> Iterator[None]:
+    """TF32 off while checking on CUDA: both formats would round to TF32 differently (~1e-3) and hide nothing
+    but a real error, while making the comparison useless."""
+    if device.type != "cuda":
+        yield
+        return
+    saved = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, allow_tf32=False):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def _choose_checked(model: nn.Module, input_shape: Sequence[int], device: torch.device, requested: str,
+                    what: str, batch: int) -> FormatChoice:
     bad = [(s, d) for s, d in check_layers(conv_shapes(model, input_shape, device, batch), device) if not d <= RTOL]
     if bad:
         shape, diff = max(bad, key=lambda t: t[1])
