@@ -14,34 +14,13 @@ matters for the per-layer top-k mask, so per-layer constant factors are free.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Iterable
 
 import torch
 from torch import nn
 
 from robbench.pruning.masked import masked_layers
-
-ScoreFn = Callable[[nn.Module, "ScoreData"], dict[str, torch.Tensor]]
-
-
-@dataclass
-class ScoreData:
-    """What a data-dependent score may use."""
-
-    batches: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
-    craft: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None  # (x, y) -> x_adv
-    options: dict[str, object] = field(default_factory=dict)
-
-
-SCORES: dict[str, ScoreFn] = {}
-
-
-def register(name: str) -> Callable[[ScoreFn], ScoreFn]:
-    def deco(fn: ScoreFn) -> ScoreFn:
-        SCORES[name] = fn
-        return fn
-    return deco
+from robbench.pruning.scores.base import SCORES, ScoreData, ScoreFn, register  # noqa: F401  (the package's API)
 
 
 @torch.no_grad()

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from robbench.pruning.masked import MaskedConv2d, masked_layers
-from robbench.pruning.scores import ScoreData, register
+from robbench.pruning.scores.base import ScoreData, register
 
 
 def _input_second_moment(layer: nn.Module, a: torch.Tensor) -> torch.Tensor:

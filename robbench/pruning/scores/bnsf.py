@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from robbench.pruning.masked import masked_layers
-from robbench.pruning.scores import ScoreData, register
+from robbench.pruning.scores.base import ScoreData, register
 from robbench.pruning.trace import conv_norm_pairs
 
 

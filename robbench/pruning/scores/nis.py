@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from robbench.pruning.masked import MASKED_TYPES, masked_layers
-from robbench.pruning.scores import ScoreData, register
+from robbench.pruning.scores.base import ScoreData, register
 from robbench.pruning.trace import probe_input
 
 

@@ -170,7 +170,7 @@ class Xie(Method):
         w = t.schedule.warmup_epochs
         if o.warmup != "reference_steps" or w == 0 or ctx.epoch >= w:
             return
-        from robbench.train.loop import lr_at
+        from robbench.train.schedule import lr_at
 
         lr = warmup_lr(t.optimizer.lr, o.warmup_start_lr, ctx.global_step, w * self._steps_per_epoch)
         if lr is None:  # no warm-up (lr <= start): the schedule without the loop's epoch-wise factor
