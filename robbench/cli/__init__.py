@@ -1,0 +1,26 @@
+"""The ``robbench`` command line: one module per command family, assembled here. User errors print one line
+and exit with code 2 (:func:`robbench.cli.common.user_errors`)."""
+from __future__ import annotations
+
+import click
+
+from robbench.cli import catalog, evaluate, report, train
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="robbench")
+def main() -> None:
+    """robbench: train paper zoo entries, run attack protocols, report against published numbers."""
+
+
+main.add_command(catalog.zoo)
+main.add_command(catalog.protocols)
+main.add_command(train.train)
+main.add_command(evaluate.evaluate)
+main.add_command(report.report)
+main.add_command(train.derive)
+main.add_command(train.demo)
+
+
+if __name__ == "__main__":
+    main()

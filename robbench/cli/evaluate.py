@@ -1,0 +1,58 @@
+"""``robbench evaluate``: run an attack suite and print each entry's accuracy table."""
+from __future__ import annotations
+
+import click
+
+from robbench.cli.common import memory_format_option, user_errors
+
+
+@click.command()
+@click.option("--protocol", "protocol", required=True, help="protocol name (protocols/*.toml)")
+@click.argument("entries", nargs=-1)
+@click.option("--n", type=int, default=None, help="number of samples (override)")
+@click.option("--eps", type=str, default=None, help="comma-separated eps list (override)")
+@click.option("--batch-size", type=int, default=None)
+@click.option("--set", "overrides", multiple=True, help="override a protocol field: key=value")
+@click.option("--force", is_flag=True, help="redo a finished protocol run")
+@click.option("--device", default=None)
+@click.option("--runs-dir", type=click.Path(), default=None)
+@click.option("--db", type=click.Path(), default=None, help="results store (default results/robbench.db)")
+@click.option("--data-root", type=click.Path(), default=None)
+@memory_format_option
+@user_errors
+def evaluate(protocol: str, entries: tuple[str, ...], n: int | None, eps: str | None, batch_size: int | None,
+             overrides: tuple[str, ...], force: bool, device: str | None, runs_dir: str | None, db: str | None,
+             data_root: str | None, memory_format: str) -> None:
+    """Run an attack suite on trained entries (all trained entries it applies to when none named)."""
+    import os
+
+    from robbench.evaluate.engine import evaluate_protocol
+
+    runs = evaluate_protocol(protocol, list(entries), n=n, eps=eps, batch_size=batch_size,
+                             overrides=list(overrides), force=force, device=device, runs_dir=runs_dir, db=db,
+                             data_root=data_root, memory_format=memory_format)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 alone prints
+        _print_summaries(runs, db)
+
+
+def _print_summaries(runs: dict[str, int], db: str | None) -> None:
+    """Per evaluated entry: its aggregated accuracy per attack (rows) and eps (columns)."""
+    from robbench.evaluate.aggregations import aggregate, groups_from_record
+    from robbench.store import Store
+
+    with Store(db) as store:
+        for name, run_id in runs.items():
+            df = store.outcomes(run_id)
+            if df.empty:
+                continue
+            run = store.run(run_id)
+            proto = run["meta"].get("protocol", {})
+            aggregation = proto.get("aggregation", "all_or_nothing")
+            table = aggregate(aggregation, df, groups_from_record(run["meta"].get("and_groups")))
+            eps_cols = sorted(table["eps"].unique())
+            click.echo(f"\n{name} - {run['protocol']} ({aggregation}, n={int(table['n'].max())}, run {run_id})")
+            click.echo(f"{'attack':34s} {'member':>6s} " + " ".join(f"{e:>7.4g}" for e in eps_cols))
+            for (attack, member), g in table.groupby(["attack", "member"], sort=False):
+                vals = {float(e): a for e, a in zip(g["eps"], g["accuracy"])}
+                cells = " ".join(f"{100 * vals[e]:6.1f}%" if e in vals else f"{'':>7s}" for e in eps_cols)
+                click.echo(f"{str(attack)[:34]:34s} {int(member):>6d} {cells}")
