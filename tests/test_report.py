@@ -380,3 +380,17 @@ def test_report_without_a_store_shows_published_numbers(tmp_path: Path) -> None:
     text = (tmp_path / "out" / "dverge" / "README.md").read_text()
     assert "| DVERGE/3 | not run (91.3) |" in text
     assert "0 finished evaluation runs" in (tmp_path / "out" / "index.md").read_text()
+
+
+def test_views_folder_combines_files_and_refuses_a_key_set_twice(tmp_path):
+    """The views folder is one file per paper; a heading two files both define is refused with both files."""
+    from robbench.errors import ConfigError
+    from robbench.report.views import load_views, views_path
+
+    spec = load_views()
+    assert {"dverge", "eio", "eed", "xie", "demo"} <= set(spec.papers)
+    assert len(spec.view) == sum(len(load_views(f).view) for f in views_path().glob("*.toml"))
+    for name in ("a.toml", "b.toml"):
+        (tmp_path / name).write_text('[papers.x]\ntitle = "X"\n')
+    with pytest.raises(ConfigError, match=r"b\.toml.*papers\.x.*also set in .*a\.toml"):
+        load_views(tmp_path)

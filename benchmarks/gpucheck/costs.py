@@ -79,8 +79,12 @@ def load_plan() -> tuple[pj.Plan, dict[str, str]]:
             protocols[name] = load_protocol(name)
         except UserError as e:
             protocols[name] = str(e)
-    with open(PROTOCOLS_DIR / "reference" / "views.toml", "rb") as fh:
-        views = tomllib.load(fh)
+    views: dict[str, list[Any]] = {"view": [], "training_time": []}
+    for f in sorted((PROTOCOLS_DIR / "reference" / "views").glob("*.toml")):
+        with open(f, "rb") as fh:
+            part = tomllib.load(fh)
+        for key in views:
+            views[key].extend(part.get(key, []))
     plan = pj.make_plan(entries, views.get("view", []), views.get("training_time", []), protocols, _info, Keys,
                         _randomized)
     return plan, errors

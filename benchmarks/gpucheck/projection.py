@@ -1,7 +1,7 @@
 """GPU-hours of reproducing each paper: measured per-step costs x the step counts of the zoo and protocols.
 
 What is counted (all from robbench's own loaders: ``load_entry`` for zoo/*.toml, ``load_protocol`` for
-protocols/*.toml, and the paper tables' rows in protocols/reference/views.toml):
+protocols/*.toml, and the paper tables' rows in protocols/reference/views/):
 
 - training a run: ``epochs x ceil(train_size / batch_size)`` steps of its method, plus each epoch's clean
   test pass (``test_size x members`` forwards); a run's ``train.init_from`` chain is trained first;
@@ -232,7 +232,7 @@ def _plain(p: Any) -> Any:
 
 
 def view_groups(views: list[dict[str, Any]], training_times: list[dict[str, Any]]) -> list[tuple[str, str, str, dict[str, str], set[str]]]:
-    """(paper, name, title, rows {label: run}, protocols) of every paper table in views.toml (not the demo)."""
+    """(paper, name, title, rows {label: run}, protocols) of every paper table in the views files (not the demo)."""
     out = []
     for v in views:
         paper = v.get("paper", "")

@@ -5,9 +5,10 @@ from __future__ import annotations
 import click
 
 from robbench.cli import catalog, evaluate, report, train
+from robbench.cli.common import RobbenchGroup
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=RobbenchGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="robbench")
 def main() -> None:
     """robbench: train paper zoo entries, run attack protocols, report against published numbers."""

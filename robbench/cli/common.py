@@ -10,6 +10,10 @@ import click
 from robbench.errors import UserError
 
 
+class RobbenchGroup(click.Group):
+    """The top-level command group: the one place where click's own usage errors are shaped."""
+
+
 def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Turn :class:`UserError` into ``error: ...`` on stderr and exit code 2 (no traceback)."""
 

@@ -1,4 +1,4 @@
-"""Which reproduced numbers go in which paper table: ``protocols/reference/views.toml``, as data.
+"""Which reproduced numbers go in which paper table: ``protocols/reference/views/*.toml``, as data.
 
 A *view* is one table of a paper: its rows name zoo entries, its columns name measures (clean accuracy,
 all-or-nothing robust accuracy at an eps over a set of attack ids, ...). Column labels are the
@@ -151,12 +151,40 @@ class ViewsFile:
 
 
 def views_path() -> Path:
-    return reference_dir() / "views.toml"
+    """The views folder: ``common.toml`` (ranking settings) and one file per paper."""
+    return reference_dir() / "views"
 
 
 def load_views(path: Path | None = None) -> ViewsFile:
-    """Parse and validate the views file (ConfigError names the field on any mistake)."""
-    path = path or views_path()
+    """Parse and validate a views file, or every ``*.toml`` of a views folder combined (ConfigError names
+    the file and field on any mistake).
+
+    Each file of a folder is checked on its own (a paper's views and its ``[papers.<id>]`` table live in
+    one file), then lists are concatenated in file-name order and tables merged; a key two files both set
+    is an error, since which one wins would otherwise depend on file names."""
+    path = Path(path) if path is not None else views_path()
+    if not path.is_dir():
+        return _load_views_file(path)
+    files = sorted(path.glob("*.toml"))
+    if not files:
+        raise ConfigError("no views files (*.toml) in this folder", file=str(path))
+    merged = ViewsFile()
+    origin: dict[str, Path] = {}
+    for f in files:
+        part = _load_views_file(f)
+        for name in ("view", "heatmap", "iterations", "training_time", "leaderboard_exclude"):
+            getattr(merged, name).extend(getattr(part, name))
+        for name in ("papers", "headline_eps"):
+            for key, value in getattr(part, name).items():
+                if key in getattr(merged, name):
+                    raise ConfigError(f"also set in {origin[f'{name}.{key}']}; set it in one file only",
+                                      file=str(f), field=f"{name}.{key}")
+                getattr(merged, name)[key] = value
+                origin[f"{name}.{key}"] = f
+    return merged
+
+
+def _load_views_file(path: Path) -> ViewsFile:
     try:
         with open(path, "rb") as fh:
             raw = tomllib.load(fh)
