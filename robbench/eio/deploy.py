@@ -19,7 +19,7 @@ def random_path_accuracy(entry: str, runs_dir: str | Path | None = None, *, draw
                          device: str | None = None, limit: int | None = None) -> dict[str, Any]:
     """Clean accuracy of the trained RGN ``entry`` under ``draws`` seeded random-path draws (a new path
     per input, or per forward call). Returns mean, std (population), per-draw accuracies and the setup."""
-    from robbench.checkpoint import entry_from_manifest, load_trained, RunDir
+    from robbench.checkpoint import WEIGHTS, RunDir, entry_from_manifest, load_trained
     from robbench.data import load_split
 
     model, manifest = load_trained(entry, runs_dir, device)
@@ -30,5 +30,5 @@ def random_path_accuracy(entry: str, runs_dir: str | Path | None = None, *, draw
     dev = next(model.parameters()).device
     out = path_draw_accuracy(model, x.to(dev), y.to(dev), draws=draws, seed=seed, mode=mode)
     out.update({"entry": entry, "split": split, "samples": n,
-                "checkpoint_sha256": manifest["files"].get("model.safetensors")})
+                "checkpoint_sha256": manifest["files"].get(WEIGHTS)})
     return out

@@ -26,7 +26,7 @@ from typing import Any, Sequence
 
 import torch
 
-from robbench.checkpoint import RunDir, entry_from_manifest, load_trained
+from robbench.checkpoint import WEIGHTS, RunDir, entry_from_manifest, load_trained
 from robbench.config import ZooEntry, load_entry, to_dict
 from robbench.data.base import seeded_generator
 from robbench.data import get_info
@@ -160,7 +160,7 @@ def derive_paths(entry: str, path: str = "random", count: int = 1, seed: int = 0
         paths = [rgn.check_path(explicit)]
     else:
         paths = draw_paths(rgn, count, seed)
-    extra = {"derived_from": source, "derived_from_sha256": manifest["files"].get("model.safetensors"),
+    extra = {"derived_from": source, "derived_from_sha256": manifest["files"].get(WEIGHTS),
              "derive_seed": None if explicit is not None else seed}
     names = _run_names(source, paths, explicit is not None, seed)
     write_derived(rgn, src, source, paths, names, runs_dir, extra)
