@@ -23,6 +23,7 @@ import resource
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -79,6 +80,10 @@ class TrainContext:
     global_step: int = 0
     memory_format: torch.memory_format = torch.contiguous_format
     extras: dict[str, Any] = field(default_factory=dict)  # scratch space for methods
+    # where this run is trained and where its data lives: a method that loads a prerequisite run
+    # (e.g. a team picked from other trained entries) must read it from the same runs folder
+    runs_dir: Path | None = None
+    data_root: Path | None = None
 
     @property
     def members(self) -> list[nn.Module]:
@@ -264,12 +269,14 @@ def _shard(t: torch.Tensor, env: DistEnv) -> torch.Tensor:
 
 def train_loop(entry: ZooEntry, model: nn.Module, method: Method, run: RunDir | None, *, device: torch.device,
                data_root: Any = None, env: DistEnv = DistEnv(), progress: bool = True,
-               resume: bool = True, memory_format: str | FormatChoice = "auto") -> LoopResult:
+               resume: bool = True, memory_format: str | FormatChoice = "auto",
+               runs_dir: Path | str | None = None) -> LoopResult:
     """Train ``model`` (an Ensemble, already on ``device``) for ``entry.train.epochs`` with ``method``.
 
     Resumes from ``run``'s train state when present; writes train state and ``log.jsonl`` there
     (rank 0). ``run=None`` trains without any files (benchmarks, tests). ``memory_format`` is a
-    :class:`FormatChoice` already made, or what to request from :func:`choose_memory_format`."""
+    :class:`FormatChoice` already made, or what to request from :func:`choose_memory_format`.
+    ``runs_dir``/``data_root`` are handed to the method on :class:`TrainContext` (None: the defaults)."""
     from robbench.data import BatchLoader, get_info, load_split
 
     t = entry.train
@@ -281,7 +288,9 @@ def train_loop(entry: ZooEntry, model: nn.Module, method: Method, run: RunDir | 
     model.to(memory_format=mf)
     opts = build_optimizers(model, list(model.members), t.optimizer)  # type: ignore[attr-defined]
     ctx = TrainContext(entry=entry, model=model, optimizers=opts, device=device, dist=env, seed=t.seed,
-                       num_classes=info.num_classes, memory_format=mf)
+                       num_classes=info.num_classes, memory_format=mf,
+                       runs_dir=Path(runs_dir) if runs_dir is not None else None,
+                       data_root=Path(data_root) if data_root is not None else None)
 
     root = entry.data.root or data_root
     train_data = load_split(entry.data.dataset, "train", root, entry.data.options)

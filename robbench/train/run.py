@@ -26,6 +26,7 @@ from robbench.config import ZooEntry, load_entry
 from robbench.device import pick_device
 from robbench.distributed import join_process_group
 from robbench.errors import CheckpointError, ConfigError, UserError
+from robbench.paths import data_root as default_data_root
 from robbench.registry import METHODS
 from robbench.train.loop import DistEnv, dist_env_from_environment, train_loop
 
@@ -160,8 +161,10 @@ def train_entry(spec: str, overrides: list[str] | None = None, device: str | Non
         if env.enabled:  # after identical init: per-rank randomness (noise, random starts) differs
             seed_everything(entry.train.seed + 1000003 * env.rank)
 
-        result = train_loop(entry, model, method, run, device=dev, data_root=data_root, env=env,
-                            progress=progress, memory_format=fmt)
+        # the runs folder and data root resolved here reach the method (TrainContext.runs_dir/data_root)
+        result = train_loop(entry, model, method, run, device=dev,
+                            data_root=Path(data_root) if data_root is not None else default_data_root(),
+                            env=env, progress=progress, memory_format=fmt, runs_dir=run.root)
         manifest: dict[str, Any] = {}
         last = result.last or (run.read_log()[-1] if env.is_main and run.read_log() else {})
         if env.is_main:
