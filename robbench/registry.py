@@ -18,6 +18,32 @@ class Registry(Generic[T]):
         self._items: dict[str, T] = {}
         self._params: dict[str, type | None] = {}
         self._capabilities: dict[str, Callable[[Any], Any] | None] = {}
+        # "<scheme>:<rest>" names resolved on first use (a user's model factory named as data,
+        # "python:pkg.mod:Factory"); the resolver returns (obj, params) and raises a ConfigError itself
+        self._resolvers: dict[str, Callable[[str], tuple[T, type | None]]] = {}
+
+    def add_resolver(self, scheme: str, resolver: Callable[[str], tuple[T, type | None]]) -> None:
+        """Names ``<scheme>:...`` are looked up by ``resolver(name) -> (obj, params dataclass or None)``
+        (cached per name). The resolver raises a ConfigError naming what is wrong."""
+        if scheme in self._resolvers:
+            raise ValueError(f"duplicate {self.kind} scheme {scheme!r}")
+        self._resolvers[scheme] = resolver
+
+    def _resolve(self, name: str) -> bool:
+        scheme = name.split(":", 1)[0] if ":" in name else None
+        if scheme is None or scheme not in self._resolvers:
+            return False
+        obj, params = self._resolvers[scheme](name)
+        self._items[name] = obj
+        self._params[name] = params
+        self._capabilities[name] = None
+        return True
+
+    def forget(self, name: str) -> None:
+        """Drop a resolved ``<scheme>:`` name so the next lookup resolves it again (its code changed)."""
+        if ":" in name:
+            for d in (self._items, self._params, self._capabilities):
+                d.pop(name, None)
 
     def register(self, name: str, *, params: type | None = None,
                  capabilities: Callable[[Any], Any] | None = None) -> Callable[[T], T]:
@@ -43,9 +69,11 @@ class Registry(Generic[T]):
 
     def get(self, name: str, *, file: str | None = None, field: str | None = None) -> T:
         _ensure_loaded()
-        if name not in self._items:
+        if name not in self._items and not self._resolve(name):
+            schemes = "".join(f", {s}:..." for s in sorted(self._resolvers))
             raise ConfigError(
-                f"unknown {self.kind} {name!r}; allowed: {', '.join(sorted(self._items))}",
+                f"unknown {self.kind} {name!r}; allowed: {', '.join(sorted(n for n in self._items if ':' not in n))}"
+                f"{schemes}",
                 file=file, field=field,
             )
         return self._items[name]
@@ -56,11 +84,12 @@ class Registry(Generic[T]):
 
     def names(self) -> list[str]:
         _ensure_loaded()
-        return sorted(self._items)
+        return sorted(n for n in self._items if ":" not in n)
 
     def __contains__(self, name: object) -> bool:
         _ensure_loaded()
-        return name in self._items
+        return name in self._items or (isinstance(name, str) and ":" in name
+                                       and name.split(":", 1)[0] in self._resolvers)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())

@@ -14,9 +14,11 @@ them. Feed logits or log-probabilities, never softmax (the softmax check flags i
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import sys
 import warnings as _warnings
-from typing import Callable, Literal, Sequence
+from typing import Callable, Iterator, Literal, Sequence
 
 import torch
 
@@ -29,6 +31,32 @@ AA_ATTACKS = ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t")
 _NORMS = {"linf": "Linf", "l2": "L2", "l1": "L1"}
 
 
+def _print_line(msg: str) -> None:
+    """One AutoAttack log line on stderr, above a progress bar when one is drawn."""
+    try:
+        from tqdm import tqdm
+
+        tqdm.write(f"  autoattack: {msg}", file=sys.stderr)
+    except ImportError:  # tqdm is a dependency; this keeps the adapter usable without it
+        print(f"  autoattack: {msg}", file=sys.stderr, flush=True)
+
+
+# Where AutoAttack's per-attack lines go while it runs (None: nowhere). A run takes minutes, so its
+# lines (each attack's robust accuracy and time) are shown as they come, not only stored at the end.
+_stream: Callable[[str], None] | None = _print_line
+
+
+@contextlib.contextmanager
+def streaming(fn: Callable[[str], None] | None) -> Iterator[None]:
+    """Send AutoAttack's live log lines to ``fn`` (None: silence them) inside the block."""
+    global _stream
+    old, _stream = _stream, fn
+    try:
+        yield
+    finally:
+        _stream = old
+
+
 class _Capture(logging.Handler):
     def __init__(self) -> None:
         super().__init__(level=logging.DEBUG)
@@ -36,6 +64,8 @@ class _Capture(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         self.records.append(record)
+        if _stream is not None:  # its per-attack lines are DEBUG records
+            _stream(record.getMessage())
 
 
 def autoattack(model: Model, x: torch.Tensor, y: torch.Tensor, eps: float, *,

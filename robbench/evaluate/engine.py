@@ -18,12 +18,14 @@ fooled for the skipped attacks, which keeps the all-or-nothing result exact (run
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 
+from robbench.attacks.autoattack import streaming as autoattack_streaming
 from robbench.data import load_split
 from robbench.data.subsets import indices_sha256
 from robbench.device import pick_device
@@ -94,8 +96,13 @@ def evaluate_protocol(protocol: str | Protocol, entries: Sequence[str] | None = 
     settings = Settings(dist_env, pick_device(device), runs_dir, data_root,
                         Path(cache_root) if cache_root is not None else None, force, quiet, memory_format,
                         Store(db) if dist_env.is_main else None)
+    silent = settings.quiet or not dist_env.is_main
     try:
-        return {name: evaluate_target(proto, name, settings) for name in resolve_targets(proto, list(entries or []), runs_dir)}
+        names = resolve_targets(proto, list(entries or []), runs_dir, say=settings.say)
+        with contextlib.ExitStack() as stack:
+            if silent:  # AutoAttack's live lines follow the engine's own output
+                stack.enter_context(autoattack_streaming(None))
+            return {name: evaluate_target(proto, name, settings) for name in names}
     finally:
         if settings.store is not None:
             settings.store.close()
@@ -103,7 +110,11 @@ def evaluate_protocol(protocol: str | Protocol, entries: Sequence[str] | None = 
 
 def _run_meta(proto: Protocol, t: Target, ids: list[int], settings: Settings, early_stop: bool,
               groups: list[dict[str, Any]]) -> dict[str, Any]:
+    imported = t.manifest.get("imported") or {}
     return {
+        "origin": t.origin,
+        **({"imported": {k: imported.get(k) for k in ("factory", "source_sha256", "weights_sha256", "kind")}}
+           if t.origin == "imported" else {}),
         "protocol": proto.resolved(), "protocol_file": proto.source_file,
         "samples": {"selection": proto.samples.selection, "n": len(ids), "split": proto.samples.split,
                     "seed": proto.samples.seed, "sha256": indices_sha256(ids), "dataset": t.dataset},
@@ -166,17 +177,24 @@ class _Run:
     committer: Committer
     settings: Settings
 
-    def rounds(self, plan: TargetPlan, desc: str, work: Callable[[Batch], None]) -> None:
-        """Every sample batch of ``plan`` on its rank (batch b on rank b % world), a commit round each."""
+    def rounds(self, plan: TargetPlan, desc: str, work: Callable[[Batch, Callable[[], None]], None],
+               units: Callable[[int], int]) -> None:
+        """Every sample batch of ``plan`` on its rank (batch b on rank b % world), a commit round each.
+        The bar counts (unit, sample) pairs and moves as each unit of work finishes (``units(b)`` units
+        in batch b), so a single-batch run still shows progress."""
         dist_env, batches = self.settings.dist, plan.batches
-        bar = self.settings.progress(sum(map(len, batches)), desc)
+        bar = self.settings.progress(sum(len(batches[b]) * units(b) for b in range(len(batches))), desc)
         for rnd in range(dist_env.rounds(len(batches))):
             b = dist_env.item(rnd)
             if b < len(batches):
                 x, y = self.data.get(list(batches[b]))
-                work(Batch(b, list(batches[b]), self.t.fmt.prepare(x.to(self.settings.device)), y.to(self.settings.device)))
+                n = len(batches[b])
+                work(Batch(b, list(batches[b]), self.t.fmt.prepare(x.to(self.settings.device)), y.to(self.settings.device)),
+                     lambda n=n: bar.update(n))
             self.committer.flush()
-            bar.update(sum(len(batches[i]) for i in range(rnd * dist_env.world, min(len(batches), (rnd + 1) * dist_env.world))))
+            # the other ranks' batches of this round (rank 0 draws the bar)
+            bar.update(sum(len(batches[i]) * units(i) for i in range(rnd * dist_env.world, min(len(batches), (rnd + 1) * dist_env.world))
+                           if i != b))
         bar.close()
 
 
@@ -184,7 +202,7 @@ def _execute(plan: TargetPlan, ex: Executor, run: _Run, sets: TransferSets) -> N
     """Phase 1 per sample batch: clean, target and member units in protocol order. Phase 2 per transfer
     group (attack x source, all eps): its sets are loaded once and read batch by batch."""
 
-    def batch_units(b: Batch) -> None:
+    def batch_units(b: Batch, tick: Callable[[], None]) -> None:
         state = BatchState(len(b.ids), b.x.device)
         for unit in plan.per_batch[b.index]:
             if unit.key in run.done:
@@ -196,17 +214,19 @@ def _execute(plan: TargetPlan, ex: Executor, run: _Run, sets: TransferSets) -> N
                 run.committer.commit(unit.key, ex.target(unit, b, state))
             else:
                 run.committer.commit(unit.key, ex.member(unit, b))
+            tick()
 
-    run.rounds(plan, f"{run.t.name} {ex.proto.name}", batch_units)
+    run.rounds(plan, f"{run.t.name} {ex.proto.name}", batch_units, lambda b: len(plan.per_batch[b]))
     for group in plan.transfer:
         if all(u.key in run.done for u in group.units):
             continue
         sets.release()
 
-        def transfer_units(b: Batch, units: tuple[Unit, ...] = group.units) -> None:
+        def transfer_units(b: Batch, tick: Callable[[], None], units: tuple[Unit, ...] = group.units) -> None:
             unit = units[b.index]
             if unit.key not in run.done:
                 run.committer.commit(unit.key, ex.transfer(unit, b, sets))
+            tick()
 
-        run.rounds(plan, f"{run.t.name} <- {group.attack.id} from {group.source}", transfer_units)
+        run.rounds(plan, f"{run.t.name} <- {group.attack.id} from {group.source}", transfer_units, lambda b: 1)
     sets.release()

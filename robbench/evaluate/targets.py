@@ -15,6 +15,7 @@ from robbench.data import get_info
 from robbench.data.subsets import dverge_subset, make_subset
 from robbench.errors import CheckpointError, ConfigError, DataError, UserError
 from robbench.evaluate.protocol import Protocol
+from robbench.imported import origin_of, verify_imported_source
 from robbench.memformat import FormatChoice, choose_memory_format
 from robbench.models.eot import is_randomized
 
@@ -41,6 +42,11 @@ class Target:
         return dict(self.entry.data.options or {})
 
     @property
+    def origin(self) -> str:
+        """``trained`` (by robbench) or ``imported`` (robbench add / convert / robbench.evaluate(model))."""
+        return origin_of(self.manifest)
+
+    @property
     def members(self) -> list[nn.Module]:
         members = getattr(self.model, "members", None)
         return list(members) if members is not None else [self.model]
@@ -48,9 +54,11 @@ class Target:
 
 def load_target(name: str, runs_dir: str | Path | None, device: torch.device, member: int | None = None,
                 memory_format: str = "auto") -> Target:
-    """Load run ``name`` (its member ``member`` alone when given) for evaluation on ``device``."""
-    model, manifest = load_trained(name, runs_dir, device)
+    """Load run ``name`` (its member ``member`` alone when given) for evaluation on ``device``. An imported
+    run's model source must still hash to what ``robbench add`` recorded."""
     run = RunDir(runs_dir, name)
+    verify_imported_source(run.read_manifest(), str(run.manifest_path))
+    model, manifest = load_trained(name, runs_dir, device)
     entry = entry_from_manifest(manifest, str(run.manifest_path))
     if member is not None:
         members = getattr(model, "members", None)
@@ -68,26 +76,46 @@ def load_target(name: str, runs_dir: str | Path | None, device: torch.device, me
     return Target(name, model, manifest, entry, checkpoint_sha256(run), fmt, is_randomized(model))
 
 
-def trained_entries(runs_dir: str | Path | None) -> list[tuple[str, ZooEntry]]:
-    """(name, ZooEntry from the manifest) of every complete run under ``runs_dir``."""
-    out = []
+def scan_runs(runs_dir: str | Path | None) -> tuple[list[tuple[str, ZooEntry]], list[tuple[str, str]]]:
+    """(name, ZooEntry from the manifest) of every complete run under ``runs_dir``, and (name, why) of
+    every run that cannot be evaluated (training unfinished, manifest unreadable, model not rebuildable)."""
+    out, skipped = [], []
     for run in run_dirs(runs_dir):
         try:
             m = run.read_manifest()
             if m["status"] != "complete":
+                skipped.append((run.name, f"training not complete (epoch {m.get('epochs_done', '?')} of "
+                                          f"{m.get('epochs', '?')})"))
                 continue
             out.append((run.name, entry_from_manifest(m, str(run.manifest_path))))
-        except (CheckpointError, ConfigError):
-            continue
-    return out
+        except (CheckpointError, ConfigError) as e:
+            skipped.append((run.name, e.detail))
+    return out, skipped
 
 
-def resolve_targets(proto: Protocol, entries: Sequence[str], runs_dir: str | Path | None) -> list[str]:
-    """Named entries, or every trained entry the protocol applies to (none: say which to train)."""
+def trained_entries(runs_dir: str | Path | None) -> list[tuple[str, ZooEntry]]:
+    """(name, ZooEntry from the manifest) of every complete run under ``runs_dir`` (trained or imported)."""
+    return scan_runs(runs_dir)[0]
+
+
+def skipped_line(skipped: Sequence[tuple[str, str]], limit: int = 5) -> str:
+    """``skipped 2 run(s): a (why), b (why)`` for the runs a protocol could not consider."""
+    parts = [f"{n} ({why})" for n, why in skipped[:limit]]
+    more = f" (+{len(skipped) - limit} more)" if len(skipped) > limit else ""
+    return f"skipped {len(skipped)} run(s) that cannot be evaluated: {'; '.join(parts)}{more}"
+
+
+def resolve_targets(proto: Protocol, entries: Sequence[str], runs_dir: str | Path | None,
+                    say: Any = None) -> list[str]:
+    """Named entries, or every trained entry the protocol applies to (none: say which to train). Runs
+    that cannot be loaded are named with the reason (``say`` gets that line when others remain)."""
     if entries:
         return [entry_name(e) for e in entries]
-    names = [n for n, e in trained_entries(runs_dir) if proto.applies(e)]
+    found, skipped = scan_runs(runs_dir)
+    names = [n for n, e in found if proto.applies(e)]
     if names:
+        if skipped and say is not None:
+            say(skipped_line(skipped))
         return names
     todo = []
     for n in list_entries():
@@ -99,8 +127,9 @@ def resolve_targets(proto: Protocol, entries: Sequence[str], runs_dir: str | Pat
             todo.append(n)
     hint = ("; train one first: " + ", ".join(f"robbench train zoo/{n}" for n in todo[:6])
             + (f" (+{len(todo) - 6} more)" if len(todo) > 6 else "")) if todo else "; no zoo entry matches its applies_to"
+    also = f"; {skipped_line(skipped)}" if skipped else ""
     raise UserError(f"protocol {proto.name!r}: no trained entry it applies to under "
-                    f"{runs_dir or 'runs'}{hint}", file=proto.source_file, field="applies_to")
+                    f"{runs_dir or 'runs'}{also}{hint}", file=proto.source_file, field="applies_to")
 
 
 def member_predictions(model: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,5 @@
 """Architectures, ensembles, feature taps and shared layers. Importing this registers every architecture."""
-from robbench.models import resnet, vgg  # noqa: F401  (registers the architectures)
+from robbench.models import resnet, user_code, vgg  # noqa: F401  (registers the architectures and the user-factory schemes)
 from robbench.models.build import build_model, build_network, count_parameters
 from robbench.models.ensemble import COMBINES, Ensemble, combine_logits
 from robbench.models.features import FeatureTap, feature_layers, get_features, num_feature_layers
