@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from robbench.cli import catalog, evaluate, report, train
+from robbench.cli import add, catalog, convert, evaluate, report, results, train
 from robbench.cli.common import RobbenchGroup
 
 
@@ -21,6 +21,9 @@ main.add_command(evaluate.evaluate)
 main.add_command(report.report)
 main.add_command(train.derive)
 main.add_command(train.demo)
+main.add_command(add.add)
+main.add_command(convert.convert)
+main.add_command(results.results)
 
 
 if __name__ == "__main__":
