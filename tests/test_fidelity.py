@@ -228,7 +228,7 @@ def test_every_published_table_has_a_view(spec):
 def test_report_renders_every_table_with_unrun_cells(tmp_path: Path, spec):
     from robbench.report import write_report
 
-    write_report(paper="all", out=tmp_path / "out", db=tmp_path / "none.db", runs_dir=tmp_path / "runs", fmt="md")
+    write_report(paper="all", out=tmp_path / "out", db=tmp_path / "none.db", runs_dir=tmp_path / "runs", fmt="md", screenshot=False)
     pages = {p: (tmp_path / "out" / p / "README.md").read_text() for p in spec.papers}
     for v in spec.view:
         assert f"{v.title}\n" in pages[v.paper], (v.paper, v.table)

@@ -193,7 +193,7 @@ def report(fixture_store: tuple[Path, Path, Path], tmp_path_factory: pytest.Temp
 
     db, runs, views = fixture_store
     out = tmp_path_factory.mktemp("report")
-    write_report(paper="all", out=out, db=db, runs_dir=runs, fmt="md", views=views)
+    write_report(paper="all", out=out, db=db, runs_dir=runs, fmt="md", views=views, screenshot=False)
     return out
 
 
@@ -244,9 +244,15 @@ def test_leaderboard_ranks_by_all_or_nothing_then_clean(fixture_store, tmp_path:
 
 
 def test_leaderboard_html_is_static(report: Path) -> None:
+    """One self-contained page: its script is inline, nothing is fetched (no src=, no http)."""
     html = (report / "leaderboard.html").read_text()
-    assert html.startswith("<!DOCTYPE html>") and "<script" not in html
+    assert html.startswith("<!DOCTYPE html>")
+    assert "src=" not in html and "http" not in html and "<link" not in html
     assert html.index("advt_resnet20_x3") < html.index("baseline_resnet20_x3")
+    assert 'id="filter"' in html and 'href="runs.html#run-' in html
+    runs = (report / "runs.html").read_text()
+    for rid in {int(x) for x in __import__("re").findall(r"runs\.html#run-(\d+)", html)}:
+        assert f'id="run-{rid}"' in runs
 
 
 def test_flags_fire_on_bad_cases_and_stay_quiet_on_good(fixture_store) -> None:
@@ -288,7 +294,7 @@ def _png_ok(path: Path) -> None:
     length, kind = struct.unpack(">I4s", data[8:16])
     assert kind == b"IHDR" and length == 13
     w, h = struct.unpack(">II", data[16:24])
-    assert 50 < w < 2000 and 50 < h < 2000
+    assert 300 < w < 4000 and 300 < h < 3000  # 200 dpi
     assert data.rstrip(b"\x00").endswith(b"IEND\xaeB`\x82")
     assert b"Software" not in data and b"matplotlib" not in data  # no version metadata: stable bytes
 
@@ -307,13 +313,16 @@ def test_images_are_valid_pngs(report: Path) -> None:
     text = (report / "fix" / "README.md").read_text()
     for p in pngs:
         assert f"]({p.name})" in text
+        for ext in ("pdf", "svg"):  # every figure also as vector graphics, linked from the page
+            vec = p.with_name(p.name[:-4] + "." + ext)
+            assert vec.exists() and f"]({vec.name})" in text
 
 
 def test_same_store_gives_same_bytes(fixture_store, report: Path, tmp_path: Path) -> None:
     from robbench.report import write_report
 
     db, runs, views = fixture_store
-    write_report(paper="all", out=tmp_path, db=db, runs_dir=runs, fmt="md", views=views)
+    write_report(paper="all", out=tmp_path, db=db, runs_dir=runs, fmt="md", views=views, screenshot=False)
     first = {p.relative_to(report): p.read_bytes() for p in sorted(report.rglob("*")) if p.is_file()}
     second = {p.relative_to(tmp_path): p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()}
     assert first.keys() == second.keys()
@@ -338,7 +347,8 @@ def test_json_and_csv_carry_the_same_cells(fixture_store, tmp_path: Path) -> Non
     assert cell["delta"] == pytest.approx(cell["reproduced"] - 69.7)
     assert cell["ci_low"] < cell["reproduced"] < cell["ci_high"]
     heat = [t for t in js["transferability"] if t["source"] == 1 and t["target"] == "0"]
-    assert heat[0]["success"] == pytest.approx(0.2)
+    assert heat[0]["attack_success_rate"] == pytest.approx(20.0) and heat[0]["unit"] == "%"
+    assert {c["unit"] for c in js["cells"]} == {"%"} and {c["measure"] for c in js["cells"]} == {"accuracy"}
     assert not list((tmp_path / "j").rglob("*.png"))  # machine formats draw nothing
 
 
@@ -375,7 +385,7 @@ def test_report_without_a_store_shows_published_numbers(tmp_path: Path) -> None:
     from robbench.report import write_report
 
     db = tmp_path / "none.db"
-    write_report(paper="dverge", out=tmp_path / "out", db=db, runs_dir=tmp_path / "runs", fmt="md")
+    write_report(paper="dverge", out=tmp_path / "out", db=db, runs_dir=tmp_path / "runs", fmt="md", screenshot=False)
     assert not db.exists()  # reading must not create a store
     text = (tmp_path / "out" / "dverge" / "README.md").read_text()
     assert "| DVERGE/3 | not run (91.3) |" in text

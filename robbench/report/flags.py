@@ -57,7 +57,8 @@ def protocol_info(name: str, run: RunInfo | None = None) -> dict[str, Any]:
     overrides applied), else its file. A source's own-accuracy run has kind ``<kind>:source``."""
     raw = _protocol_raw(name)
     info: dict[str, Any] = {"kind": raw.get("kind", "whitebox" if raw else ""), "paper": raw.get("paper", ""),
-                            "member": raw.get("member"), "datasets": list(raw.get("datasets", []))}
+                            "member": raw.get("member"), "datasets": list(raw.get("datasets", [])),
+                            "eps": [float(e) for e in raw.get("eps", []) if isinstance(e, (int, float))]}
     if run is not None:
         resolved = run.meta.get("protocol") if isinstance(run.meta.get("protocol"), dict) else {}
         for k in ("kind", "paper", "member", "datasets"):

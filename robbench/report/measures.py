@@ -1,10 +1,12 @@
 """Cells: one number of a report table computed from a run's per-sample outcomes, with its sample count,
-attack seed and 95% Wilson interval."""
+attack seed and 95% Wilson interval; a row of several independent runs (seeds) as their mean +- std with
+a 95% bootstrap interval over seeds and samples."""
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
 import pandas as pd
 
 from robbench.outcomes import CLEAN_ATTACK
@@ -21,10 +23,54 @@ class Cell:
     lo: float
     hi: float
     run: RunInfo
+    vector: tuple[int, ...] = field(default=(), repr=False, compare=False)  # per sample, 1 = correct
 
     @property
     def acc(self) -> float:
         return self.k / self.n if self.n else float("nan")
+
+
+BOOTSTRAP_REPS = 2000
+BOOTSTRAP_SEED = 0  # fixed: the same store gives the same interval (and the same bytes)
+
+
+@dataclass(frozen=True)
+class SeedCell:
+    """One row's cell over its independent runs (seeds): the mean and sample std of the runs'
+    accuracies, each run's own Wilson interval, and a 95% bootstrap interval of the mean that resamples
+    runs, then samples within each run."""
+    cells: tuple[Cell, ...]
+    missing: int  # runs of the row not evaluated yet
+
+    @property
+    def acc(self) -> float:
+        return float(np.mean([c.acc for c in self.cells]))
+
+    @property
+    def std(self) -> float:
+        return float(np.std([c.acc for c in self.cells], ddof=1)) if len(self.cells) > 1 else float("nan")
+
+    @property
+    def interval(self) -> tuple[float, float]:
+        return bootstrap_interval([np.asarray(c.vector) for c in self.cells])
+
+
+def bootstrap_interval(vectors: list[np.ndarray], reps: int = BOOTSTRAP_REPS,
+                       seed: int = BOOTSTRAP_SEED) -> tuple[float, float]:
+    """95% percentile interval of the mean accuracy over runs: each replicate draws runs with
+    replacement, then each drawn run's samples with replacement. One run: samples only."""
+    vectors = [v for v in vectors if len(v)]
+    if not vectors:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    k = len(vectors)
+    n = np.array([len(v) for v in vectors])
+    p = np.array([float(v.mean()) for v in vectors])
+    picks = rng.integers(0, k, size=(reps, k)) if k > 1 else np.zeros((reps, 1), dtype=int)
+    # resampling a run's n 0/1 outcomes with replacement gives Binomial(n, p) correct ones: drawn directly
+    means = (rng.binomial(n[picks], p[picks]) / n[picks]).mean(axis=1)
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return float(lo), float(hi)
 
 
 def wilson(k: int, n: int) -> tuple[float, float]:
@@ -54,13 +100,23 @@ def compute(results: Results, entry: str, m: Measure) -> Cell | None:
     df = results.outcomes(run)
     if m.kind == "clean":
         kn = clean_counts(df, m.member)
+        attacks = [CLEAN_ATTACK]
     else:
         attacks = select_attacks(df["attack"].unique().tolist(), m.attacks)
         kn = results.aon_counts(run, attacks, m.eps, m.member, m.steps) if attacks else None
     if kn is None or kn[1] == 0:
         return None
     lo, hi = wilson(*kn)
-    return Cell(k=kn[0], n=kn[1], lo=lo, hi=hi, run=run)
+    vec = results.aon_vector(run, attacks, None if m.kind == "clean" else m.eps, m.member,
+                             None if m.kind == "clean" else m.steps)
+    return Cell(k=kn[0], n=kn[1], lo=lo, hi=hi, run=run, vector=tuple(int(x) for x in (vec if vec is not None else ())))
+
+
+def compute_seeds(results: Results, entries: list[str], m: Measure) -> SeedCell | None:
+    """The cell of a row with several runs; ``None`` when none of them was run."""
+    cells = [compute(results, e, m) for e in entries]
+    done = tuple(c for c in cells if c is not None)
+    return SeedCell(done, len(cells) - len(done)) if done else None
 
 
 def eps_values(df: pd.DataFrame) -> list[float]:

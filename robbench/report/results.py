@@ -31,6 +31,8 @@ class RunInfo:
     overrides: list[str]
     meta: dict[str, Any]
     role: str = "target"
+    protocol_sha256: str = ""
+    versions: dict[str, Any] | None = None
 
     @property
     def label(self) -> str:
@@ -94,7 +96,9 @@ class Results:
                 info = RunInfo(run_id=int(r.run_id), entry=r.entry, protocol=r.protocol,
                                seed=None if pd.isna(r.seed) else int(r.seed), finished=str(r.finished or ""),
                                checkpoint_sha256=str(r.checkpoint_sha256 or ""),
-                               overrides=list(_loads(r.overrides, [])), meta=meta, role=r.role)
+                               overrides=list(_loads(r.overrides, [])), meta=meta, role=r.role,
+                               protocol_sha256=str(getattr(r, "protocol_sha256", "") or ""),
+                               versions=dict(_loads(getattr(r, "versions", None), {})))
                 out[(info.entry, info.protocol, info.role)] = info
         return dict(sorted(out.items()))
 
@@ -120,6 +124,35 @@ class Results:
         if key not in self._aon:
             self._aon[key] = all_or_nothing_counts(self.outcomes(run), attacks, eps, member, steps)
         return self._aon[key]
+
+    def aon_vector(self, run: RunInfo, attacks: list[str], eps: float | None, member: int = -1,
+                   steps: int | None = None) -> np.ndarray | None:
+        """Per sample (sorted by sample id): 1 if correct under every outcome key of ``attacks`` at ``eps``
+        (the samples :meth:`aon_counts` counts); ``None`` if no outcome matches. ``attacks = ['clean']``
+        gives the clean outcomes."""
+        if self.aon_counts(run, attacks, eps, member, steps) is None and attacks != ["clean"]:
+            return None
+        df = self.outcomes(run)
+        sub = df[(df["member"] == member) & df["attack"].isin(attacks)]
+        if steps is not None:
+            sub = sub[sub["steps"] == steps]
+        if eps is not None:
+            sub = sub[np.isclose(sub["eps"].astype(float), eps, rtol=0, atol=EPS_TOL)]
+        if sub.empty:
+            return None
+        return sub.groupby("sample")["correct"].min().sort_index().to_numpy(dtype=np.int8)
+
+    def sample_set(self, run: RunInfo) -> dict[str, Any]:
+        """The run's sample set as the engine recorded it (``sha256``, ``n``, ``selection``, ``seed``,
+        ``split``, ``dataset``); empty for a run from before the record."""
+        s = run.meta.get("samples")
+        return dict(s) if isinstance(s, dict) else {}
+
+    def origin(self, run: RunInfo) -> str:
+        """``imported`` (a model brought in with its weights) or ``trained`` (by robbench): the store
+        run's record, else the run folder's manifest; absent means trained."""
+        o = run.meta.get("origin") or self.manifest(run.entry).get("origin") or "trained"
+        return str(o)
 
     # ------------------------------------------------------------------------------------ run dirs
     def manifest(self, entry: str) -> dict[str, Any]:

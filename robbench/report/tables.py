@@ -1,29 +1,52 @@
-"""Paper tables: every cell of a view computed from the store and set beside its published value."""
+"""Paper tables: every cell of a view computed from the store and set beside its published value.
+
+A published value carries its setting (the dataset and protocol of the paper's table); a reproduced
+cell is differenced against it only where the run's setting is the same (a digits demo run is shown
+beside a CIFAR-10 number, never subtracted from it)."""
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from robbench.report.flags import Flag
-from robbench.report.measures import Cell, compute
+from robbench.report.flags import Flag, protocol_info
+from robbench.report.measures import Cell, SeedCell, compute, compute_seeds
 from robbench.report.reference import RefValue, published, table_layout
 from robbench.report.results import Results
-from robbench.report.views import View
+from robbench.report.views import View, ViewsFile
 
 _SIZE = re.compile(r"/(\d+)")
+MEASURE = "accuracy"  # every table cell: accuracy in % (transferability heatmaps: attack success rate in %)
+UNIT = "%"
+OWN_MARK = "+ "  # row labels of store entries no paper row names
+
+
+@dataclass(frozen=True)
+class Setting:
+    """Where a number comes from: dataset and protocol ('' = unknown)."""
+    dataset: str
+    protocol: str
+
+    def matches(self, other: "Setting") -> bool:
+        return bool(self.dataset and self.protocol) and self == other
 
 
 @dataclass
 class CellResult:
     row: str
     column: str
-    entry: str
+    entries: list[str]
     protocol: str
-    cell: Cell | None
+    cell: Cell | SeedCell | None
     ref: RefValue | None
     measurable: bool
     flags: list[Flag]
+    setting: Setting = field(default_factory=lambda: Setting("", ""))
+    published_setting: Setting = field(default_factory=lambda: Setting("", ""))
+
+    @property
+    def entry(self) -> str:
+        return self.entries[0] if self.entries else ""
 
     @property
     def status(self) -> str:
@@ -33,21 +56,47 @@ class CellResult:
             return "not measured"
         return "done" if self.cell is not None else "not run"
 
-    def record(self, paper: str, table: str) -> dict[str, Any]:
+    @property
+    def comparable(self) -> bool:
+        """Published and reproduced numbers come from the same setting and both are percentages."""
+        return (self.cell is not None and self.ref is not None and self.ref.unit in ("%", "pp")
+                and self.setting.matches(self.published_setting))
+
+    @property
+    def delta(self) -> float | None:
+        return 100 * self.cell.acc - self.ref.value if self.comparable else None  # type: ignore[union-attr]
+
+    @property
+    def first(self) -> Cell | None:
         c = self.cell
-        pct = self.ref is not None and self.ref.unit == "%"
-        delta = (100 * c.acc - self.ref.value) if (c is not None and self.ref is not None and pct) else None
+        return c.cells[0] if isinstance(c, SeedCell) else c
+
+    def interval(self) -> tuple[float, float] | None:
+        c = self.cell
+        if c is None:
+            return None
+        return c.interval if isinstance(c, SeedCell) and len(c.cells) > 1 else (self.first.lo, self.first.hi)
+
+    def record(self, paper: str, table: str) -> dict[str, Any]:
+        c, one = self.cell, self.first
+        iv, delta = self.interval(), self.delta
+        multi = isinstance(c, SeedCell)
         return {
             "paper": paper, "table": table, "row": self.row, "column": self.column, "entry": self.entry,
-            "protocol": self.protocol, "status": self.status,
+            "protocol": self.protocol, "dataset": self.setting.dataset or None, "status": self.status,
+            "measure": MEASURE, "unit": UNIT,
             "reproduced": None if c is None else round(100 * c.acc, 4),
-            "ci_low": None if c is None else round(100 * c.lo, 4),
-            "ci_high": None if c is None else round(100 * c.hi, 4),
-            "n": None if c is None else c.n, "correct": None if c is None else c.k,
-            "seed": None if c is None else c.run.seed, "run_id": None if c is None else c.run.run_id,
-            "checkpoint_sha256": None if c is None else c.run.checkpoint_sha256,
+            "std": round(100 * c.std, 4) if multi and len(c.cells) > 1 else None,
+            "runs": len(c.cells) if multi else (None if c is None else 1),
+            "ci_low": None if iv is None else round(100 * iv[0], 4),
+            "ci_high": None if iv is None else round(100 * iv[1], 4),
+            "n": None if one is None else one.n, "correct": None if one is None or multi else one.k,
+            "seed": None if one is None else one.run.seed, "run_id": None if one is None else one.run.run_id,
+            "checkpoint_sha256": None if one is None else one.run.checkpoint_sha256,
             "published": None if self.ref is None else self.ref.value,
             "published_unit": None if self.ref is None else self.ref.unit,
+            "published_dataset": self.published_setting.dataset or None,
+            "published_protocol": self.published_setting.protocol or None,
             "delta": None if delta is None else round(delta, 4),
             "flags": "; ".join(f.code for f in self.flags),
         }
@@ -59,6 +108,7 @@ class TableResult:
     rows: list[str]
     columns: list[str]
     cells: dict[tuple[str, str], CellResult]
+    own: list[str] = field(default_factory=list)  # row labels of the user's own runs
 
 
 def view_layout(view: View) -> tuple[list[str], list[str]]:
@@ -72,22 +122,77 @@ def view_layout(view: View) -> tuple[list[str], list[str]]:
     return rows, cols
 
 
-def build_table(results: Results, view: View, flags: list[Flag]) -> TableResult:
+def named_entries(spec: ViewsFile) -> set[str]:
+    """Every entry a view row (or its seeds) names: the paper's models, not the user's."""
+    out = {e for v in spec.view for r in v.rows for e in v.runs_of(r)}
+    out |= {e for t in spec.training_time for e in t.rows.values() if e}
+    return out
+
+
+def own_entries(results: Results, view: View, spec: ViewsFile) -> list[str]:
+    """Entries evaluated under the view's protocol that no view names (a user's own models)."""
+    if not view.own_runs or not view.protocol:
+        return []
+    named = named_entries(spec)
+    return sorted({r.entry for r in results.runs_of(view.protocol) if r.protocol == view.protocol
+                   and r.entry not in named})
+
+
+def protocol_dataset(protocol: str) -> str:
+    ds = protocol_info(protocol)["datasets"] if protocol else []
+    return ds[0] if len(ds) == 1 else ""
+
+
+def published_protocols(spec: ViewsFile) -> dict[tuple[str, str, str], str]:
+    """(paper, table, column) -> the protocol a view that differences that published table declares
+    for the column: the setting the published number comes from."""
+    out: dict[tuple[str, str, str], str] = {}
+    for v in spec.view:
+        if not v.compare:
+            continue
+        p, t = v.ref_paper_table
+        for c in list(v.columns) or table_layout(p, t)[1]:
+            m = v.measure(c)
+            if m.kind != "none" and m.protocol:
+                out.setdefault((p, t, c), m.protocol)
+    return out
+
+
+def run_setting(results: Results, cell: Cell | SeedCell | None, protocol: str) -> Setting:
+    one = cell.cells[0] if isinstance(cell, SeedCell) else cell
+    if one is None:
+        return Setting(protocol_dataset(protocol), protocol)
+    dataset = results.sample_set(one.run).get("dataset") or protocol_dataset(one.run.protocol)
+    return Setting(str(dataset), one.run.protocol)
+
+
+def build_table(results: Results, view: View, flags: list[Flag], spec: ViewsFile | None = None) -> TableResult:
     rows, cols = view_layout(view)
+    own = own_entries(results, view, spec) if spec is not None else []
     ref_paper, ref_table = view.ref_paper_table
+    pub_protocols = published_protocols(spec) if spec is not None else {}
     cells: dict[tuple[str, str], CellResult] = {}
-    for r in rows:
-        entry = view.rows.get(r, "")
+    labels = {OWN_MARK + e: e for e in own}
+    for r in rows + list(labels):
+        entries = [labels[r]] if r in labels else view.runs_of(r)
         for c in cols:
             m = view.measure(c)
-            cell = compute(results, entry, m) if entry else None
-            ref = published(ref_paper, ref_table, r, c)
+            if not entries or m.kind == "none":
+                cell = None
+            elif len(entries) > 1:
+                cell = compute_seeds(results, entries, m)
+            else:
+                cell = compute(results, entries[0], m)
+            ref = None if r in labels else published(ref_paper, ref_table, r, c)
             fl = []
             if cell is not None and m.kind == "robust":
-                fl = [f for f in flags if f.entry == entry and f.protocol == m.protocol
+                fl = [f for f in flags if f.entry in entries and f.protocol == m.protocol
                       and (f.eps is None or (m.eps is not None and abs(f.eps - m.eps) < 1e-9))]
-            cells[(r, c)] = CellResult(r, c, entry, m.protocol, cell, ref, m.kind != "none", fl)
-    return TableResult(view, rows, cols, cells)
+            pub_proto = m.protocol if view.compare else pub_protocols.get((ref_paper, ref_table, c), "")
+            pub = Setting(protocol_dataset(pub_proto), pub_proto) if ref is not None else Setting("", "")
+            cells[(r, c)] = CellResult(r, c, entries, m.protocol, cell, ref, m.kind != "none", fl,
+                                       run_setting(results, cell, m.protocol), pub)
+    return TableResult(view, rows + list(labels), cols, cells, list(labels))
 
 
 def decimals(ref: RefValue | None, default: int = 1) -> int:
@@ -104,7 +209,8 @@ def fmt_ref(ref: RefValue | None, digits: int) -> str:
 
 
 def cell_text(cr: CellResult, compare: bool, flag_ids: dict[Flag, int], uniform: tuple[Any, Any] | None) -> str:
-    """``reproduced (published, Δ)`` + ``[lo, hi]`` (95% Wilson); 'not run' cells keep the published value."""
+    """``reproduced (published, Δ)`` + ``[lo, hi]`` (95% Wilson); a row of several runs: ``mean ± std``,
+    the bootstrap interval, then each run's Wilson interval. 'not run' cells keep the published value."""
     d = decimals(cr.ref)
     pub = fmt_ref(cr.ref, d)
     if cr.status == "no entry":
@@ -114,17 +220,23 @@ def cell_text(cr: CellResult, compare: bool, flag_ids: dict[Flag, int], uniform:
     if cr.cell is None:
         return f"not run ({pub})" if (compare and cr.ref is not None) else "not run"
     c = cr.cell
-    val = f"{100 * c.acc:.{d}f}"
-    if compare and cr.ref is not None and cr.ref.unit in ("%", "pp"):
-        delta = 100 * c.acc - cr.ref.value
+    multi = isinstance(c, SeedCell) and len(c.cells) > 1
+    val = f"{100 * c.acc:.{d}f}" + (f" ± {100 * c.std:.{d}f}" if multi else "")
+    delta = cr.delta
+    if compare and delta is not None:
         text = f"{val} ({pub}, {delta:+.{d}f})"
     elif compare and cr.ref is not None:
         text = f"{val} ({pub})"
     else:
         text = val
-    text += f"<br>[{100 * c.lo:.{d}f}, {100 * c.hi:.{d}f}]"
+    lo, hi = cr.interval()  # type: ignore[misc]
+    text += f"<br>[{100 * lo:.{d}f}, {100 * hi:.{d}f}]"
+    if isinstance(c, SeedCell):
+        runs = "; ".join(f"[{100 * s.lo:.{d}f}, {100 * s.hi:.{d}f}]" for s in c.cells)
+        text += f"<br>runs {len(c.cells)}/{len(c.cells) + c.missing}: {runs}"
     if uniform is None:
-        text += f" n={c.n} seed={c.run.seed}"
+        one = cr.first
+        text += f" n={one.n} seed={one.run.seed}"
     if cr.flags:
         text += " " + " ".join(f"⚠{flag_ids[f]}" for f in cr.flags)
     return text

@@ -52,10 +52,15 @@ class View:
     compare: bool = opt(True, help="false: published numbers are from another setting (the digits demo) "
                                    "and are shown beside, not differenced")
     columns: list[str] = opt([], help="column labels (default: the reference table's columns)")
-    rows: dict[str, str] = opt({}, help="row label -> zoo entry name (paper order)")
+    rows: dict[str, str] = opt({}, help="row label -> zoo entry name (paper order); run 1 of a row with seeds")
+    seeds: dict[str, list[str]] = opt({}, help="row label -> the entries of its further independent runs "
+                                               "(e.g. DVERGE Tables 4/5 average three runs): the cell shows "
+                                               "the mean +- std over the runs beside the published mean")
     measures: dict[str, Any] = opt({}, help="column label -> measure table; default: 'clean' -> clean, "
                                             "a number -> robust at that eps, anything else -> none")
     curves: bool = opt(False, help="also plot accuracy vs eps, one panel per ensemble size ('X/N' rows)")
+    own_runs: bool = opt(True, help="also list every entry the store has for the view's protocol that no view "
+                                    "row names (a user's own models), under the paper's rows")
     note: str = opt("", help="one line printed under the table")
 
     def validate(self, file: str) -> None:
@@ -66,6 +71,16 @@ class View:
                 self.measures[k] = parse_dataclass(Measure, v, file=file, prefix=f"measures.{k}")
         if self.reference and ":" not in self.reference:
             raise ConfigError(f"{self.reference!r}: expected 'paper:table'", file=file, field="reference")
+        for label, entries in self.seeds.items():
+            if label not in self.rows:
+                raise ConfigError(f"row {label!r} is not in this view's rows", file=file, field=f"seeds.{label}")
+            if not isinstance(entries, list) or not all(isinstance(e, str) and e for e in entries):
+                raise ConfigError("expected a list of entry names", file=file, field=f"seeds.{label}")
+
+    def runs_of(self, row: str) -> list[str]:
+        """The entries of a row's independent runs: its entry, then its ``seeds`` (empty: no entry)."""
+        first = self.rows.get(row, "")
+        return [first, *self.seeds.get(row, [])] if first else []
 
     @property
     def ref_paper_table(self) -> tuple[str, str]:

@@ -1,13 +1,16 @@
-"""``write_report``: the results store -> one folder per paper (markdown + PNG) + index + leaderboard.
+"""``write_report``: the results store -> one folder per paper (markdown + figures as PDF, SVG and PNG)
++ index + flags + leaderboard (markdown, HTML, run details).
 
-Deterministic: the same store and run folders give the same bytes (sorted orders, no timestamps but
-the store's, PNGs without software/date metadata).
+Units: every accuracy is in % (tables, curves, CSV/JSON, leaderboard); a transferability cell is an
+attack success rate in % (heatmaps, CSV/JSON). Deterministic: the same store and run folders give the
+same bytes (sorted orders, no timestamps but the store's, figures without software/date metadata).
 """
 from __future__ import annotations
 
 import json
 import math
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,26 +21,34 @@ import robbench.report.leaderboard as lb
 import robbench.report.training as training
 from robbench.errors import ConfigError
 from robbench.outcomes import CLEAN_ATTACK, FINAL
-from robbench.paths import results_db
+from robbench.paths import PROTOCOLS_DIR, results_db
 from robbench.paths import runs_dir as default_runs
-from robbench.report.flags import Flag, compute_flags, flags_frame
+from robbench.report.flags import Flag, compute_flags, flags_frame, protocol_info
+from robbench.report.measures import eps_values, wilson
 from robbench.report.reference import published, table_layout
 from robbench.report.results import Results
-from robbench.report.tables import (TableResult, build_table, cell_text, decimals, fmt_ref, method_of, size_of)
-from robbench.report.views import Heatmap, Iterations, TrainingTime, View, ViewsFile, load_views
+from robbench.report.tables import (MEASURE, OWN_MARK, UNIT, TableResult, build_table, cell_text, decimals, fmt_ref,
+                                    method_of, protocol_dataset, published_protocols, size_of)
+from robbench.report.views import Heatmap, Iterations, PaperInfo, TrainingTime, View, ViewsFile, load_views
 from robbench.store import transfer_matrix
 
 FORMATS = ("md", "csv", "json")
 _SLUG = re.compile(r"[^A-Za-z0-9._-]+")
+_EPS = re.compile(r"^\d*\.?\d+$")
+
+
+def _is_eps(column: str) -> bool:
+    return bool(_EPS.match(column))
 
 
 def slug(s: str) -> str:
     return _SLUG.sub("_", s).strip("_") or "x"
 
 
-def _write(path: Path, text: str) -> None:
+def _write(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text if text.endswith("\n") else text + "\n", encoding="utf-8")
+    return path
 
 
 def _clean(v: Any) -> Any:
@@ -81,7 +92,7 @@ def table_label(table: str) -> str:
 
 class PaperReport:
     def __init__(self, paper: str, spec: ViewsFile, results: Results, flags: list[Flag], folder: Path,
-                 fmt: str) -> None:
+                 fmt: str, written: list[Path] | None = None) -> None:
         self.paper, self.spec, self.results, self.flags, self.folder, self.fmt = paper, spec, results, flags, folder, fmt
         self.info = spec.papers[paper]
         self.md: list[str] = []
@@ -90,6 +101,7 @@ class PaperReport:
         self.iterations: list[dict[str, Any]] = []
         self.train_rows: list[dict[str, Any]] = []
         self.flag_ids: dict[Flag, int] = {}
+        self.written = written if written is not None else []
 
     @property
     def draw(self) -> bool:
@@ -100,22 +112,39 @@ class PaperReport:
             self.flag_ids[f] = len(self.flag_ids) + 1
         return self.flag_ids[f]
 
+    def figure(self, paths: list[Path], alt: str) -> None:
+        """Embed the PNG; link the vector versions."""
+        self.written.extend(paths)
+        by = {p.suffix: p.name for p in paths}
+        self.md += [f"![{alt}]({by['.png']})", "", f"Vector: [PDF]({by['.pdf']}) · [SVG]({by['.svg']}).", ""]
+
     # -------------------------------------------------------------------------------- tables
     def table(self, view: View) -> None:
-        t = build_table(self.results, view, self.flags)
+        t = build_table(self.results, view, self.flags, self.spec)
         for key in t.rows:
             for c in t.columns:
                 self.cells.append(t.cells[(key, c)].record(view.paper, view.table))
         ref_p, ref_t = view.ref_paper_table
+        has_ref = bool(table_layout(ref_p, ref_t)[0])
         self.md += [f"## {table_label(view.table)}{view.title}", ""]
-        if view.compare:
-            self.md.append("Cell: reproduced (published, Δ) in %, then the 95% Wilson interval. "
-                           "`not run`: no finished evaluation yet; `·`: no zoo entry for this row; "
-                           "`n/m`: not measured by robbench.")
+        if not has_ref:
+            self.md.append("Cell: accuracy in %, then the 95% Wilson interval (no published numbers for this table).")
+        elif view.compare:
+            self.md.append("Cell: reproduced accuracy in % (published, Δ where the published number comes from the same "
+                           "dataset and protocol), then the 95% Wilson interval. `not run`: no finished evaluation yet; "
+                           "`·`: no zoo entry for this row; `n/m`: not measured by robbench.")
         else:
             self.md.append(f"Cell: reproduced accuracy in %, then the 95% Wilson interval. The published "
                            f"numbers ({ref_p} Table {ref_t}) come from another setting and are listed "
                            f"below for shape, not differenced.")
+        if view.seeds:
+            self.md += ["", "A row with several independent runs shows their mean ± standard deviation (over the "
+                        "runs evaluated so far), its 95% bootstrap interval (runs, then samples within each run, "
+                        "resampled), then each run's own 95% Wilson interval; the published number is the paper's "
+                        "mean over its runs."]
+        if t.own:
+            self.md += ["", f"Rows marked `{OWN_MARK.strip()}` are entries evaluated with `{view.protocol}` that no "
+                        f"paper row names (your own models)."]
         if view.note:
             self.md += ["", view.note]
         self.md += [""] + self._table_md(t) + [""]
@@ -124,7 +153,7 @@ class PaperReport:
             self.md.append(f"- ⚠{self.flag_id(f)} `{f.entry}` ({f.protocol}): {f.message}")
         if flagged:
             self.md.append("")
-        if not view.compare:
+        if not view.compare and has_ref:
             self.md += self._published_md(view, t) + [""]
         if view.curves and self.draw:
             self._curves(view, t)
@@ -134,14 +163,14 @@ class PaperReport:
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for r in t.rows:
             crs = [t.cells[(r, c)] for c in t.columns]
-            ns = {(cr.cell.n, cr.cell.run.seed) for cr in crs if cr.cell is not None}
+            ns = {(cr.first.n, cr.first.run.seed) for cr in crs if cr.first is not None}
             uniform = next(iter(ns)) if len(ns) == 1 else None
             texts = [cell_text(cr, t.view.compare, {f: self.flag_id(f) for f in cr.flags}, uniform) for cr in crs]
             n_txt, seed_txt = (str(uniform[0]), str(uniform[1])) if uniform else (("–", "–") if not ns else ("var.", "var."))
             lines.append("| " + " | ".join([r, *texts, n_txt, seed_txt]) + " |")
-        entries = [(r, t.view.rows[r]) for r in t.rows if t.view.rows.get(r)]
+        entries = [(r, t.view.runs_of(r)) for r in t.rows if t.view.rows.get(r)]
         if entries:
-            lines += ["", "Entries: " + ", ".join(f"{r} = `{e}`" for r, e in entries) + "."]
+            lines += ["", "Entries: " + ", ".join(f"{r} = " + " + ".join(f"`{e}`" for e in es) for r, es in entries) + "."]
         return lines
 
     def _published_md(self, view: View, t: TableResult) -> list[str]:
@@ -156,37 +185,83 @@ class PaperReport:
             out.append("| " + r + " | " + " | ".join(fmt_ref(v, decimals(v)) for v in vals) + " |")
         return out
 
+    @staticmethod
+    def _x_of(view: View, column: str) -> float | None:
+        """Where a column sits on the eps axis: clean accuracy at eps 0, a robust column at its eps."""
+        m = view.measure(column)
+        if m.kind == "clean":
+            return 0.0
+        return m.eps if m.kind == "robust" and m.eps is not None and m.steps is None else None
+
     def _curves(self, view: View, t: TableResult) -> None:
-        eps_cols = [c for c in t.columns if view.measure(c).kind == "robust" and view.measure(c).eps is not None]
-        if len(eps_cols) < 2:
+        cols = [c for c in t.columns if self._x_of(view, c) is not None]
+        if sum(1 for c in cols if view.measure(c).kind == "robust") < 2:
             return
-        sizes: dict[str, dict[str, tuple[list[float], list[float]]]] = {}
+        sizes: dict[str, list[figures.Series]] = {}
+        shape: dict[str, list[figures.Series]] = {}  # published numbers of another setting, own panels
         for r in t.rows:
             size = size_of(r) or "all"
-            xs, ys, pxs, pys = [], [], [], []
-            for c in eps_cols:
+            name = method_of(r) if r not in t.own else r.removeprefix(OWN_MARK)
+            pts = []
+            for c in cols:
                 cr = t.cells[(r, c)]
-                eps = view.measure(c).eps
                 if cr.cell is not None:
-                    xs.append(eps)
-                    ys.append(100 * cr.cell.acc)
-                if view.compare and cr.ref is not None and cr.ref.unit == "%":
-                    pxs.append(eps)
-                    pys.append(cr.ref.value)
-            panel = sizes.setdefault(size, {})
-            if xs:
-                panel[method_of(r)] = (xs, ys)
-            if pxs and xs:
-                panel[method_of(r) + " (paper)"] = (pxs, pys)
-        panels = [(f"{n} member{'' if n == '1' else 's'}" if n != "all" else view.title[:40], s) for n, s in sorted(
-            sizes.items(), key=lambda kv: (kv[0] == "all", int(kv[0]) if kv[0].isdigit() else 0)) if s]
+                    lo, hi = cr.interval()  # type: ignore[misc]
+                    pts.append((self._x_of(view, c), 100 * cr.cell.acc, 100 * lo, 100 * hi))
+            if not pts:
+                continue
+            panel = sizes.setdefault(size, [])
+            panel.append(figures.Series(name, [p[0] for p in pts], [p[1] for p in pts], [p[2] for p in pts],
+                                        [p[3] for p in pts]))
+            pub = [(self._x_of(view, c), t.cells[(r, c)].ref.value) for c in cols
+                   if t.cells[(r, c)].ref is not None and t.cells[(r, c)].ref.unit == "%"]
+            same = any(t.cells[(r, c)].comparable for c in cols)
+            if pub and same:
+                panel.append(figures.Series(name, [p[0] for p in pub], [p[1] for p in pub], published=True))
+            elif r not in t.own:
+                ref_p, ref_t = view.ref_paper_table
+                ref_cols = table_layout(ref_p, ref_t)[1]
+                other = [(0.0 if c == "clean" else float(c), published(ref_p, ref_t, r, c)) for c in ref_cols
+                         if c == "clean" or _is_eps(c)]
+                other = [(x, v.value) for x, v in other if v is not None and v.unit == "%"]
+                if other:
+                    shape.setdefault(size, []).append(figures.Series(name, [p[0] for p in other],
+                                                                     [p[1] for p in other], published=True))
+        order = sorted(sizes, key=lambda n: (n == "all", int(n) if n.isdigit() else 0))
+        panels = [(self._panel_title(view, n), sizes[n]) for n in order if sizes[n]]
+        ref_p, ref_t = view.ref_paper_table
+        setting = self._published_dataset(view)
+        panels += [(f"published, {ref_p} Table {ref_t}" + (f" ({setting})" if setting else "")
+                    + ("" if n == "all" else f", {n} members"), shape[n]) for n in order if shape.get(n)]
         if not panels:
             self.md += ["_Accuracy-vs-eps curves appear once entries of this table are evaluated._", ""]
             return
-        name = f"curves_{slug(view.table)}.png"
-        figures.line_panels(panels, "eps (L∞)", "accuracy (%)", self.folder / name)
-        self.md += [f"![accuracy vs eps, {view.title}]({name})", "",
-                    "Solid: reproduced; dashed: published." if view.compare else "", ""]
+        paths = figures.line_panels(panels, figures.EPS_LABEL, figures.ACCURACY_LABEL,
+                                    self.folder / f"curves_{slug(view.table)}")
+        self.figure(paths, f"accuracy vs eps, {view.title}")
+        words = ["Accuracy (%) against ε; the point at ε = 0 is clean accuracy; bands: 95% intervals from the "
+                 "stored per-sample outcomes (Wilson; bootstrap over runs and samples for rows with several runs)."]
+        if any(s.published for _, ss in panels[:len(order)] for s in ss):
+            words.append("Dashed: published, in the colour of the reproduced method.")
+        if shape:
+            words.append("The published curves of another setting are drawn in their own panels (their ε axis), "
+                         "dashed, in the colour of the reproduced method.")
+        self.md += [" ".join(words), ""]
+
+    @staticmethod
+    def _panel_title(view: View, n: str) -> str:
+        if n == "all":
+            return view.title if len(view.title) <= 48 else view.title[:47] + "…"
+        return f"{n} member{'' if n == '1' else 's'}"
+
+    def _published_dataset(self, view: View) -> str:
+        ref_p, ref_t = view.ref_paper_table
+        protos = published_protocols(self.spec)
+        for c in table_layout(ref_p, ref_t)[1]:
+            ds = protocol_dataset(protos.get((ref_p, ref_t, c), ""))
+            if ds:
+                return ds
+        return ""
 
     # ----------------------------------------------------------------------------- heatmaps
     def heatmaps(self, spec: Heatmap) -> None:
@@ -194,9 +269,9 @@ class PaperReport:
         order = {e: i for i, e in enumerate(spec.entries)}
         runs.sort(key=lambda r: (order.get(r.entry, len(order)), r.entry))
         self.md += [f"## {spec.title}", "",
-                    f"Protocol `{spec.protocol}`, eps {spec.eps:g}: attack success rate of adversarial examples "
+                    f"Protocol `{spec.protocol}`, eps {spec.eps:g}: attack success rate (%) of adversarial examples "
                     f"crafted on member i (rows) against member j and the whole ensemble (columns), on samples "
-                    f"every member classifies correctly.", ""]
+                    f"every member classifies correctly (100 - accuracy on them).", ""]
         if not runs:
             self.md += ["_Not run yet._", ""]
             return
@@ -213,27 +288,28 @@ class PaperReport:
                     v = m.loc[i, j]
                     self.transfer.append({"paper": self.paper, "entry": run.entry, "protocol": run.protocol,
                                           "eps": spec.eps, "source": int(i), "target": str(j),
-                                          "success": None if pd.isna(v) else round(float(v), 6), "n": n,
-                                          "seed": run.seed, "run_id": run.run_id})
+                                          "measure": "attack success rate", "unit": "%",
+                                          "attack_success_rate": None if pd.isna(v) else round(100 * float(v), 4),
+                                          "n": n, "seed": run.seed, "run_id": run.run_id})
             if self.draw:
-                name = f"transfer_{slug(run.entry)}_{spec.eps:g}.png"
-                figures.heatmap(m, f"{run.entry} (eps {spec.eps:g}, n={n})", self.folder / name)
-                self.md += [f"![transferability {run.entry}]({name})", ""]
+                stem = self.folder / f"transfer_{slug(run.entry)}_{spec.eps:g}"
+                paths = figures.heatmap(m, f"{run.entry}, ε = {spec.eps:g}, n = {n}", stem)
+                self.figure(paths, f"transferability {run.entry}")
             else:
                 self.md += [f"- `{run.entry}`: n={n}", ""]
 
     # --------------------------------------------------------------------------- iterations
     def iteration_curves(self, spec: Iterations) -> None:
         runs = self.results.runs_of(spec.protocol)
-        self.md += [f"## {spec.title}", "", f"Protocol `{spec.protocol}`: accuracy (all-or-nothing over the "
-                    f"attacks of each series) against the number of attack iterations.", ""]
+        self.md += [f"## {spec.title}", "", f"Protocol `{spec.protocol}`: accuracy (%, all-or-nothing over the "
+                    f"attacks of each series) against the number of attack iterations; bands: 95% Wilson.", ""]
         if not runs:
             self.md += ["_Not run yet._", ""]
             return
         panels = []
         for run in runs:
             df = self.results.outcomes(run)
-            series: dict[str, tuple[list[float], list[float]]] = {}
+            series: list[figures.Series] = []
             for label, steps_list in self._iteration_series(df):
                 pts = []
                 for steps in steps_list:
@@ -246,23 +322,25 @@ class PaperReport:
                             pts.append((e, steps, kn))
                 for e in sorted({p[0] for p in pts}):
                     mine = [(s, kn) for (ee, s, kn) in pts if ee == e]
-                    key = f"{label} (eps {e:g})"
-                    series[key] = ([s for s, _ in mine], [100 * kn[0] / kn[1] for _, kn in mine])
+                    iv = [wilson(*kn) for _, kn in mine]
+                    series.append(figures.Series(f"{label} (ε {e:g})", [s for s, _ in mine],
+                                                 [100 * kn[0] / kn[1] for _, kn in mine],
+                                                 [100 * lo for lo, _ in iv], [100 * hi for _, hi in iv]))
                     for s, kn in mine:
                         self.iterations.append({"paper": self.paper, "entry": run.entry, "protocol": run.protocol,
-                                                "series": label, "eps": e, "steps": s,
-                                                "accuracy": round(100 * kn[0] / kn[1], 4), "n": kn[1],
+                                                "series": label, "eps": e, "steps": s, "measure": MEASURE,
+                                                "unit": UNIT, "accuracy": round(100 * kn[0] / kn[1], 4), "n": kn[1],
                                                 "seed": run.seed, "run_id": run.run_id})
             if series:
                 panels.append((run.entry, series))
         if panels and self.draw:
-            name = f"iterations_{slug(spec.protocol)}.png"
-            figures.line_panels(panels, "attack iterations", "accuracy (%)", self.folder / name, xlog=True)
-            self.md += [f"![accuracy vs iterations]({name})", ""]
+            paths = figures.line_panels(panels, "attack iterations", figures.ACCURACY_LABEL,
+                                        self.folder / f"iterations_{slug(spec.protocol)}", xlog=True)
+            self.figure(paths, "accuracy vs iterations")
         rows = [r for r in self.iterations if r["protocol"] == spec.protocol]
         if rows:
             steps = sorted({r["steps"] for r in rows})
-            self.md += ["| entry | series | " + " | ".join(str(s) for s in steps) + " | n | seed |",
+            self.md += ["| entry | series (accuracy %) | " + " | ".join(str(s) for s in steps) + " | n | seed |",
                         "|" + "---|" * (len(steps) + 4)]
             keys = sorted({(r["entry"], r["series"], r["eps"]) for r in rows})
             for e, s, eps in keys:
@@ -313,28 +391,28 @@ class PaperReport:
         if not logs:
             self.md += ["_No run logs found (train entries with `robbench train`)._", ""]
             return
-        acc: dict[str, tuple[list[float], list[float]]] = {}
-        loss: dict[str, tuple[list[float], list[float]]] = {}
+        acc: list[figures.Series] = []
+        loss: list[figures.Series] = []
+        final: dict[str, tuple[int, float]] = {}
         for e, s in sorted(logs.items()):
             for k in training.accuracy_keys(s)[:1]:
-                acc[e] = (s[k][0], [100 * v if v <= 1.0 else v for v in s[k][1]])
+                ys = [100 * v if v <= 1.0 else v for v in s[k][1]]
+                acc.append(figures.Series(e, list(s[k][0]), ys))
+                final[e] = (len(ys), ys[-1])
             lk = training.loss_keys(s)
             if lk:
-                loss[e] = s[lk[0]]
+                loss.append(figures.Series(e, list(s[lk[0]][0]), list(s[lk[0]][1])))
         if self.draw:
-            name = "training_curves.png"
-            figures.line_panels([("clean test accuracy", acc)], "epoch", "accuracy (%)", self.folder / name)
-            name2 = "training_loss.png"
-            figures.line_panels([("training loss (first logged term)", loss)], "epoch", "loss",
-                                self.folder / name2, ylim=None)
-            self.md += [f"![training accuracy]({name})", "", f"![training loss]({name2})", ""]
-        self.md += ["| entry | epochs | final clean acc % | s/epoch |", "|---|---|---|---|"]
+            self.figure(figures.line_panels([("clean test accuracy", acc)], "epoch", figures.ACCURACY_LABEL,
+                                            self.folder / "training_curves"), "training accuracy")
+            self.figure(figures.line_panels([("training loss (first logged term)", loss)], "epoch", "loss",
+                                            self.folder / "training_loss", ylim=None), "training loss")
+        self.md += ["| entry | epochs | final clean accuracy % | s/epoch |", "|---|---|---|---|"]
         for e, s in sorted(logs.items()):
-            a = acc.get(e)
             spe = training.seconds_per_epoch(self.results.log(e))
-            self.md.append(f"| `{e}` | {len(a[0]) if a else '–'} | {a[1][-1]:.1f} | "
-                           f"{'–' if spe is None else f'{spe:.2f}'} |" if a else
-                           f"| `{e}` | – | – | {'–' if spe is None else f'{spe:.2f}'} |")
+            spe_t = "–" if spe is None else f"{spe:.2f}"
+            a = final.get(e)
+            self.md.append(f"| `{e}` | {a[0]} | {a[1]:.1f} | {spe_t} |" if a else f"| `{e}` | – | – | {spe_t} |")
         self.md.append("")
 
     # ------------------------------------------------------------------------------- output
@@ -355,7 +433,7 @@ class PaperReport:
             if tt.paper == self.paper:
                 self.training_time(tt)
         entries = list(self.info.training_curves) or sorted(
-            {e for v in views for e in v.rows.values() if e} |
+            {e for v in views for r in v.rows for e in v.runs_of(r)} |
             {e for tt in self.spec.training_time if tt.paper == self.paper for e in tt.rows.values()})
         self.training_curves(entries)
         cells = pd.DataFrame(self.cells)
@@ -367,74 +445,201 @@ class PaperReport:
     def write(self) -> None:
         f = self.folder
         if self.fmt == "md":
-            _write(f / "README.md", "\n".join(self.md))
+            self.written.append(_write(f / "README.md", "\n".join(self.md)))
         frames = {"cells": _ints(pd.DataFrame(self.cells)), "transferability": _ints(pd.DataFrame(self.transfer)),
                   "iterations": _ints(pd.DataFrame(self.iterations)), "training_time": pd.DataFrame(self.train_rows)}
         if self.fmt == "csv":
             for name, df in frames.items():
                 if not df.empty:
-                    _write(f / f"{name}.csv", df.to_csv(index=False, lineterminator="\n"))
+                    self.written.append(_write(f / f"{name}.csv", df.to_csv(index=False, lineterminator="\n")))
         elif self.fmt == "json":
-            _write(f / "report.json", json.dumps({k: _records(v) for k, v in frames.items()}, indent=1,
-                                                 sort_keys=True, ensure_ascii=False))
+            self.written.append(_write(f / "report.json", json.dumps({k: _records(v) for k, v in frames.items()},
+                                                                      indent=1, sort_keys=True, ensure_ascii=False)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Which pages: a paper of the views, every paper, one protocol, or a views file of the user's
+# ----------------------------------------------------------------------------------------------
+
+def protocol_views(protocol: str, results: Results) -> ViewsFile:
+    """A page for one protocol: every entry the store has for it, one row each, a column per eps (the
+    clean point first), curves; a transferability protocol gets its heatmaps, a convergence protocol its
+    iteration curves."""
+    runs = results.runs_of(protocol)
+    runs = [r for r in runs if r.protocol == protocol]
+    info = protocol_info(protocol)
+    eps = sorted({e for r in runs for e in eps_values(results.outcomes(r))})
+    if not eps:
+        eps = sorted(info["eps"])
+    title = f"Protocol {protocol}"
+    spec = ViewsFile(papers={protocol: PaperInfo(title=title, intro=(
+        f"Every entry evaluated with `{protocol}` ({info['kind'] or 'unknown kind'}"
+        + (f", {', '.join(info['datasets'])}" if info["datasets"] else "") + ") in the results store."))})
+    if info["kind"] == "transferability":
+        for e in eps:
+            spec.heatmap.append(Heatmap(paper=protocol, protocol=protocol, eps=e, attack=_transfer_attack(results, runs),
+                                        title=f"Within-ensemble transferability, eps {e:g}"))
+        return spec
+    view = View(paper=protocol, table=protocol, title=f"Accuracy vs eps, {protocol}", protocol=protocol,
+                compare=False, columns=["clean", *[f"{e:g}" for e in eps]],
+                rows={r.entry: r.entry for r in sorted(runs, key=lambda r: r.entry)}, curves=True, own_runs=False)
+    spec.view.append(view)
+    if any((results.outcomes(r)["steps"] != FINAL).any() for r in runs):
+        spec.iterations.append(Iterations(paper=protocol, protocol=protocol))
+    return spec
+
+
+def _transfer_attack(results: Results, runs: list[Any]) -> str:
+    for r in runs:
+        df = results.outcomes(r)
+        ids = sorted(set(df.loc[df["source_member"] >= 0, "attack"]))
+        if ids:
+            return ids[0]
+    return "pgd"
+
+
+def known_protocol(name: str, results: Results) -> bool:
+    return (PROTOCOLS_DIR / f"{name}.toml").exists() or any(r.protocol == name for r in results.runs.values())
+
+
+def resolve_pages(paper: str, views: Path | None, results: Results) -> tuple[ViewsFile, list[str], bool]:
+    """(views, the paper ids to render, whether the leaderboard covers every protocol). ``paper``: a
+    paper id of the views, ``all``, a protocol name, or a views file (``*.toml``)."""
+    default = load_views(views)
+    if paper == "all":
+        return default, sorted(default.papers), True
+    if paper in default.papers:
+        return default, [paper], False
+    if paper.endswith(".toml"):
+        path = Path(paper)
+        if not path.exists():
+            raise ConfigError("views file not found", file=paper, field="--paper")
+        custom = load_views(path)
+        custom.headline_eps = {**default.headline_eps, **custom.headline_eps}
+        custom.leaderboard_exclude = custom.leaderboard_exclude or list(default.leaderboard_exclude)
+        return custom, sorted(custom.papers), False
+    if known_protocol(paper, results):
+        spec = protocol_views(paper, results)
+        spec.headline_eps = dict(default.headline_eps)
+        spec.leaderboard_exclude = list(default.leaderboard_exclude)
+        return spec, [paper], False
+    raise ConfigError(f"unknown paper or protocol {paper!r}; allowed: all, {', '.join(sorted(default.papers))}, "
+                      f"a protocol name (protocols/*.toml) or a views file (*.toml)", field="--paper")
 
 
 # ----------------------------------------------------------------------------------------------
 # Entry point
 # ----------------------------------------------------------------------------------------------
 
-def write_report(paper: str = "all", out: str | Path = "reports", db: str | Path | None = None,
-                 runs_dir: str | Path | None = None, fmt: str = "md", views: Path | None = None) -> Path:
-    """Write the report for ``paper`` (a paper id of the views file, or ``all``) into ``out``:
-    ``<paper>/README.md`` (+ PNGs), ``index.md``, ``leaderboard.md`` and ``leaderboard.html``
-    (``fmt='csv'|'json'``: the same numbers as files for machines). Returns the index path."""
+@dataclass
+class ReportOutput:
+    """What a report run wrote and what it found: the index, every file, and the summary lines."""
+    index: Path
+    files: list[Path]
+    summary: list[str]
+    notes: list[str] = field(default_factory=list)  # e.g. why no screenshot was taken
+
+
+def build_report(paper: str = "all", out: str | Path = "reports", db: str | Path | None = None,
+                 runs_dir: str | Path | None = None, fmt: str = "md", views: Path | None = None,
+                 screenshot: bool = True) -> ReportOutput:
+    """Write the report for ``paper`` (a paper id of the views, ``all``, a protocol, or a views file)
+    into ``out``: ``<paper>/README.md`` (+ figures as PDF, SVG and PNG), ``index.md``, ``flags.md``,
+    ``leaderboard.md``, ``leaderboard.html`` (+ ``runs.html``, and ``leaderboard.png`` when Chromium is
+    installed and ``screenshot``); ``fmt='csv'|'json'``: the same numbers as files for machines."""
     if fmt not in FORMATS:
         raise ConfigError(f"unknown format {fmt!r}; allowed: {', '.join(FORMATS)}", field="--format")
-    spec = load_views(views)
-    papers = sorted(spec.papers) if paper == "all" else [paper]
-    for p in papers:
-        if p not in spec.papers:
-            raise ConfigError(f"unknown paper {p!r}; allowed: all, {', '.join(sorted(spec.papers))}", field="--paper")
     out = Path(out)
     results = Results(db or results_db(), runs_dir or default_runs())
+    spec, papers, everything = resolve_pages(paper, views, results)
     flags = compute_flags(results)
     summaries = []
+    written: list[Path] = []
     for p in papers:
-        folder = out / p
+        folder = out / slug(p)
         if folder.exists() and fmt == "md":
-            for old in folder.glob("*.png"):  # figures of entries no longer in the store must not linger
-                old.unlink()
-        pr = PaperReport(p, spec, results, flags, folder, fmt)
+            for ext in figures.FORMATS:  # figures of entries no longer in the store must not linger
+                for old in folder.glob(f"*.{ext}"):
+                    old.unlink()
+        pr = PaperReport(p, spec, results, flags, folder, fmt, written)
         summaries.append(pr.build())
         pr.write()
-    protos = None if paper == "all" else _paper_protocols(spec, paper)
+    protos = None if everything else _paper_protocols(spec, papers)
     board = lb.leaderboard(results, spec.headline_eps, spec.leaderboard_exclude, flags, protos)
     fl = flags_frame([f for f in flags if protos is None or f.protocol in protos])
+    notes: list[str] = []
     if fmt == "md":
-        _write(out / "leaderboard.md", lb.to_markdown(board))
-        _write(out / "leaderboard.html", lb.to_html(board))
-        _write(out / "flags.md", _flags_md(fl))
-        index = out / "index.md"
-        _write(index, _index_md(summaries, board, fl, results))
-        return index
-    if fmt == "csv":
-        _write(out / "leaderboard.csv", _ints(board).to_csv(index=False, lineterminator="\n"))
-        _write(out / "flags.csv", fl.to_csv(index=False, lineterminator="\n"))
-        _write(out / "index.csv", pd.DataFrame(summaries).to_csv(index=False, lineterminator="\n"))
-        return out / "index.csv"
-    _write(out / "index.json", json.dumps({"papers": summaries, "leaderboard": _records(board),
-                                           "flags": _records(fl)}, indent=1, sort_keys=True, ensure_ascii=False))
-    return out / "index.json"
+        written.append(_write(out / "leaderboard.md", lb.to_markdown(board)))
+        page = _write(out / "leaderboard.html", lb.to_html(board))
+        written += [page, _write(out / lb.RUNS_PAGE, lb.runs_html(results, board))]
+        written.append(_write(out / "flags.md", _flags_md(fl)))
+        index = _write(out / "index.md", _index_md(summaries, board, fl, results))
+        written.append(index)
+        if screenshot:
+            from robbench.report.screenshot import screenshot as take
+
+            why = take(page, out / "leaderboard.png")
+            if why is None:
+                written.append(out / "leaderboard.png")
+            else:
+                notes.append(why)
+                print(f"[report] {why}", flush=True)
+    elif fmt == "csv":
+        written.append(_write(out / "leaderboard.csv", _ints(board).to_csv(index=False, lineterminator="\n")))
+        written.append(_write(out / "flags.csv", fl.to_csv(index=False, lineterminator="\n")))
+        index = _write(out / "index.csv", pd.DataFrame(summaries).to_csv(index=False, lineterminator="\n"))
+        written.append(index)
+    else:
+        index = _write(out / "index.json", json.dumps({"papers": summaries, "leaderboard": _records(board),
+                                                       "flags": _records(fl)}, indent=1, sort_keys=True,
+                                                      ensure_ascii=False))
+        written.append(index)
+    return ReportOutput(index, written, summary_lines(summaries, board, fl), notes)
 
 
-def _paper_protocols(spec: ViewsFile, paper: str) -> set[str]:
-    """Protocols a paper's report reads (its leaderboard is restricted to them)."""
+def write_report(paper: str = "all", out: str | Path = "reports", db: str | Path | None = None,
+                 runs_dir: str | Path | None = None, fmt: str = "md", views: Path | None = None,
+                 screenshot: bool = True) -> Path:
+    """:func:`build_report`, returning the index path."""
+    return build_report(paper, out, db, runs_dir, fmt, views, screenshot).index
+
+
+SUMMARY_FLAG_LINES = 8
+
+
+def summary_lines(summaries: list[dict[str, Any]], board: pd.DataFrame, fl: pd.DataFrame) -> list[str]:
+    """One screen: cells per page, the best entry per protocol (and sample set), the flags raised."""
+    out = ["pages: " + ", ".join(f"{s['paper']} {s['cells_done']}/{s['cells_measurable']} cells" for s in summaries)]
+    if board.empty:
+        out.append("leaderboard: no finished evaluation runs")
+    else:
+        out.append("best entry per protocol (robust accuracy % at the headline eps; rank within one sample set):")
+        best = board[board["rank"] == 1]
+        multi = board.groupby("protocol")["sample_sha256"].nunique()
+        for r in best.itertuples(index=False):
+            where = f" [samples {r.sample_sha256[:8]}]" if multi.get(r.protocol, 1) > 1 else ""
+            out.append(f"  {r.protocol}{where}: {r.entry} {r.robust:.1f} at eps {r.eps:g} "
+                       f"(clean {'?' if pd.isna(r.clean) else f'{r.clean:.1f}'}, n={r.n})")
+    if fl.empty:
+        out.append("flags: none")
+    else:
+        counts = fl["code"].value_counts().sort_index()
+        out.append(f"flags: {len(fl)} (" + ", ".join(f"{c} {k}" for c, k in counts.items()) + ")")
+        for r in fl.head(SUMMARY_FLAG_LINES).itertuples(index=False):
+            out.append(f"  {r.entry} / {r.protocol}: {r.message}")
+        if len(fl) > SUMMARY_FLAG_LINES:
+            out.append(f"  ... {len(fl) - SUMMARY_FLAG_LINES} more in flags.md")
+    return out
+
+
+def _paper_protocols(spec: ViewsFile, papers: list[str]) -> set[str]:
+    """Protocols the papers' pages read (their leaderboard is restricted to them)."""
     out = set()
     for v in spec.view:
-        if v.paper == paper:
+        if v.paper in papers:
             out |= {v.measure(c).protocol for c in list(v.columns) + list(v.measures)} | {v.protocol}
-    out |= {h.protocol for h in spec.heatmap if h.paper == paper}
-    out |= {i.protocol for i in spec.iterations if i.paper == paper}
+    out |= {h.protocol for h in spec.heatmap if h.paper in papers}
+    out |= {i.protocol for i in spec.iterations if i.paper in papers}
     return {p for p in out if p}
 
 
@@ -458,7 +663,7 @@ def _index_md(summaries: list[dict[str, Any]], board: pd.DataFrame, fl: pd.DataF
            + (f", the latest finished {last[:19].replace('T', ' ')} UTC." if last else "."), "",
            "| paper | cells reproduced | flags |", "|---|---|---|"]
     for s in summaries:
-        out.append(f"| [{s['title']}]({s['paper']}/README.md) | {s['cells_done']} / {s['cells_measurable']} | {s['flags']} |")
+        out.append(f"| [{s['title']}]({slug(s['paper'])}/README.md) | {s['cells_done']} / {s['cells_measurable']} | {s['flags']} |")
     out += ["", f"- [Leaderboard](leaderboard.md) ([HTML](leaderboard.html)): {len(board)} ranked runs.",
             f"- [Sanity flags](flags.md): {len(fl)}.", ""]
     return "\n".join(out)
