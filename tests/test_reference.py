@@ -90,7 +90,9 @@ def test_views_name_existing_reference_tables() -> None:
     spec = load_views()
     tables = {(p, t) for (p, t, _, _) in load_reference()}
     for v in spec.view:
-        assert v.ref_paper_table in tables, v.table
+        if v.ref_paper_table not in tables:  # a figure/table without published numbers names its columns
+            assert not v.reference and v.columns, v.table
+            continue
         rows, cols = table_layout(*v.ref_paper_table)
         if v.compare:  # a view differenced against a table must use that table's labels
             for c in v.columns:
@@ -109,9 +111,26 @@ def test_view_entries_exist_in_the_zoo() -> None:
 
     zoo = set(list_entries())
     spec = load_views()
-    named = {e for v in spec.view for e in v.rows.values() if e}
+    named = {e for v in spec.view for r in v.rows for e in v.runs_of(r)}
     named |= {e for t in spec.training_time for e in t.rows.values()}
     named |= {e for h in spec.heatmap for e in h.entries}
     for e in sorted(named):
         base = re.sub(r"_(path\d+|ens\d+)$", "", e)
         assert e in zoo or base in zoo, e
+
+
+def test_a_view_without_published_numbers_renders(tmp_path: Path) -> None:
+    """A view of one's own (no reference table) is allowed: its columns are its own, cells 'not run'."""
+    from robbench.report import write_report
+    from robbench.report.views import load_views
+
+    p = tmp_path / "mine.toml"
+    p.write_text('[papers.mine]\ntitle = "Mine"\n[[view]]\npaper = "mine"\ntable = "robustness"\n'
+                 'title = "My table"\nprotocol = "demo-whitebox"\ncolumns = ["clean", "0.1"]\ncurves = true\n'
+                 '[view.rows]\n"my model" = "demo_baseline_x3"\n')
+    spec = load_views(p)
+    assert spec.view[0].ref_paper_table == ("mine", "robustness")
+    write_report(paper=str(p), out=tmp_path / "out", db=tmp_path / "none.db", runs_dir=tmp_path / "runs",
+                 fmt="md", screenshot=False)
+    text = (tmp_path / "out" / "mine" / "README.md").read_text()
+    assert "| my model | not run | not run | – | – |" in text and "no published numbers" in text
