@@ -36,21 +36,19 @@ def evaluate(protocol: str, entries: tuple[str, ...], n: int | None, eps: str | 
 
 
 def _print_summaries(runs: dict[str, int], db: str | None) -> None:
-    """Per evaluated entry: its aggregated accuracy per attack (rows) and eps (columns)."""
-    from robbench.evaluate.aggregations import aggregate, groups_from_record
+    """Per evaluated entry: its aggregated accuracy per attack (rows) and eps (columns); the same table
+    ``robbench.evaluate(...)`` returns (:func:`robbench.api.summary`)."""
+    from robbench.api import summary
     from robbench.store import Store
 
     with Store(db) as store:
         for name, run_id in runs.items():
-            df = store.outcomes(run_id)
-            if df.empty:
+            table = summary(store, run_id)
+            if table.empty:
                 continue
-            run = store.run(run_id)
-            proto = run["meta"].get("protocol", {})
-            aggregation = proto.get("aggregation", "all_or_nothing")
-            table = aggregate(aggregation, df, groups_from_record(run["meta"].get("and_groups")))
+            aggregation = table["aggregation"].iloc[0]
             eps_cols = sorted(table["eps"].unique())
-            click.echo(f"\n{name} - {run['protocol']} ({aggregation}, n={int(table['n'].max())}, run {run_id})")
+            click.echo(f"\n{name} - {table['protocol'].iloc[0]} ({aggregation}, n={int(table['n'].max())}, run {run_id})")
             click.echo(f"{'attack':34s} {'member':>6s} " + " ".join(f"{e:>7.4g}" for e in eps_cols))
             for (attack, member), g in table.groupby(["attack", "member"], sort=False):
                 vals = {float(e): a for e, a in zip(g["eps"], g["accuracy"])}

@@ -87,6 +87,7 @@ def scan_runs(runs_dir: str | Path | None) -> tuple[list[tuple[str, ZooEntry]], 
                 skipped.append((run.name, f"training not complete (epoch {m.get('epochs_done', '?')} of "
                                           f"{m.get('epochs', '?')})"))
                 continue
+            verify_imported_source(m, str(run.manifest_path))
             out.append((run.name, entry_from_manifest(m, str(run.manifest_path))))
         except (CheckpointError, ConfigError) as e:
             skipped.append((run.name, e.detail))
