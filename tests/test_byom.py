@@ -103,7 +103,7 @@ def test_cli_route_add_evaluate_rank(tmp_path: Path) -> None:
     assert "train" not in manifest["config"] and "epochs" not in manifest  # no training claim
 
     for proto in ("demo-whitebox", "demo-autoattack"):
-        r = _robbench(tmp_path, "evaluate", "--protocol", proto, "my_cnn", "--n", "20")
+        r = _robbench(tmp_path, "evaluate", "--protocol", proto, "my_cnn", "--n", "20", "--memory-format", "contiguous")
         assert r.returncode == 0, r.stderr
         assert f"my_cnn - {proto}" in r.stdout
     assert "autoattack: robust accuracy after APGD-CE" in r.stderr  # AutoAttack's lines streamed live

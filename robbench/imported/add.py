@@ -159,7 +159,9 @@ def import_weights(raw: dict[str, Any], entry: Any, tensors: Mapping[str, torch.
         factory_src, src_sha = str(p), file_sha256(p)
     record = {"factory": arch, "options": dict(entry.model.options), "source_file": factory_src,
               "source_sha256": src_sha, "input": INPUT_CONTRACT, "warnings": warnings, **imported}
-    run = write_imported_run(runs_dir, entry.name, imported_config(raw), model, record, force=force)
+    config = imported_config(raw)
+    config["model"] = {**config["model"], "members": entry.model.members}  # what the leaderboard counts
+    run = write_imported_run(runs_dir, entry.name, config, model, record, force=force)
     return AddResult(entry.name, run.path, record, warnings)
 
 
