@@ -120,6 +120,10 @@ def failures_from_store(db: Any, entries: Sequence[str], attack: str = "pgd20", 
     store = db if hasattr(db, "outcomes") else Store(db)
     rows = []
     samples_ref: list[int] | None = None
+    missing = [name for name in entries if store.outcomes(entry=name, attack=attack, member=-1, status="done",
+                                                          **({"protocol": protocol} if protocol else {})).empty]
+    if missing:
+        raise LookupError(f"no {attack!r} outcomes in the results store for {', '.join(missing)}")
     for name in entries:
         filters: dict[str, Any] = {"entry": name, "attack": attack, "member": -1, "status": "done"}
         if protocol is not None:

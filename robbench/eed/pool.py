@@ -34,6 +34,11 @@ def attack_failures(models: Sequence[nn.Module], x: torch.Tensor, y: torch.Tenso
     return torch.stack(rows)
 
 
+def selection_path(db: str | Path, prefix: str) -> Path:
+    """Where the selection record of pool ``prefix`` lives: beside the results store it was computed from."""
+    return Path(db).parent / f"{prefix}_selection.json"
+
+
 def write_selection(path: str | Path, selection: Selection, meta: dict[str, Any] | None = None) -> Path:
     """The choice, every team's RD and the threshold as JSON (atomic write)."""
     from robbench.checkpoint import atomic_write_json

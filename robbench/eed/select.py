@@ -5,18 +5,19 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Sequence
 
 from robbench.eed.diversity import RD_THRESHOLD
 
 SCORES = ("nis", "erm", "ase", "bnsf")
 
 
-def pool_entries(prefix: str) -> list[str]:
-    return [f"{prefix}_{s}_{m}" for s in SCORES for m in range(3)]
+def pool_entries(prefix: str, scores: Sequence[str] = SCORES, subsets: Sequence[int] = (0, 1, 2)) -> list[str]:
+    return [f"{prefix}_{s}_{m}" for s in scores for m in subsets]
 
 
 def main(argv: list[str] | None = None) -> int:
-    from robbench.eed.pool import select_from_store, write_selection
+    from robbench.eed.pool import select_from_store, selection_path, write_selection
     from robbench.paths import results_db
 
     ap = argparse.ArgumentParser(prog="python -m robbench.eed.select", description=__doc__)
@@ -25,15 +26,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--attack", default="pgd20", help="attack id in the store (eed-suite: pgd20)")
     ap.add_argument("--protocol", default=None)
     ap.add_argument("--threshold", type=float, default=RD_THRESHOLD, help="RD threshold (EED §5.1: 0.7)")
-    ap.add_argument("--out", default=None, help="JSON path (default: results/<pool>_selection.json)")
+    ap.add_argument("--out", default=None, help="JSON path (default: <pool>_selection.json beside the store)")
     a = ap.parse_args(argv)
     names = pool_entries(a.pool)
     try:
-        sel = select_from_store(a.db or results_db(), names, a.attack, a.threshold, a.protocol)
+        db = a.db or results_db()
+        sel = select_from_store(db, names, a.attack, a.threshold, a.protocol)
     except LookupError as e:
-        print(f"error: {e}; evaluate the pool first: robbench evaluate --protocol eed-suite", file=sys.stderr)
+        proto = a.protocol or ("demo-eed" if a.pool.startswith("demo") else "eed-suite")
+        print(f"error: {e}; evaluate the pool first: robbench evaluate --protocol {proto} {' '.join(names)}",
+              file=sys.stderr)
         return 2
-    out = write_selection(a.out or f"results/{a.pool}_selection.json", sel,
+    out = write_selection(a.out or selection_path(db, a.pool), sel,
                           {"pool": names, "attack": a.attack, "protocol": a.protocol})
     print(f"{len(sel.teams)} teams scored; chose {sel.members} (RD {sel.rd:.3f}, threshold {sel.threshold}, "
           f"{'met' if sel.threshold_met else 'NOT met'}) -> {out}")
