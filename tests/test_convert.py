@@ -221,3 +221,66 @@ def test_dverge_converter_names_missing_keys(tmp_path: Path) -> None:
                                     str(tmp_path / "runs")])
     assert res.exit_code == 2 and "missing keys model_1.model.fc.bias" in res.output, res.output
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_dverge_released_transfer_sets_feed_the_blackbox_protocol(tmp_path: Path) -> None:
+    """A folder in eval_bbox.py's layout (digits-sized here) -> cached sets the black-box protocol reads in
+    place of surrogate models; each stored row equals the file's; wrong labels are refused."""
+    from robbench.data import load_split
+    from robbench.data.subsets import make_subset
+    from robbench.evaluate import transfer
+    from robbench.evaluate.engine import evaluate_protocol
+    from robbench.imported.add import add_module
+    from robbench.imported.transfer_sets import import_dverge_transfer
+    from robbench.store import Store
+
+    n, eps_list = 12, (0.05, 0.1, 0.15, 0.2)
+    ids = list(make_subset("dverge", "digits", "test", n, 0).indices)
+    x, y = load_split("digits", "test").get(ids)
+    folder = tmp_path / "transfer_adv_examples"
+    g = torch.Generator().manual_seed(0)
+    names = [f"from_baseline3_{loss}_mpgd_steps_100_{s}" for loss in ("xent", "cw") for s in (0, 1)] + [
+        f"from_baseline3_{loss}_{a}_steps_100" for loss in ("xent", "cw") for a in ("mdi2_0.5", "sgm_0.2")]
+    files = {}
+    for e in eps_list:
+        for nm in names:
+            d = folder / f"eps_{e}" / nm
+            d.mkdir(parents=True)
+            xa = (x + e * torch.sign(torch.randn(x.shape, generator=g))).clamp(0, 1)
+            torch.save(xa, d / "inputs.pt")
+            torch.save(y.clone(), d / "labels.pt")
+            files[(nm, e)] = xa
+    # CIFAR-10 (the default) is refused by shape, one line
+    res = CliRunner().invoke(main, ["convert", "dverge-transfer", str(folder), "--name", "rel", "--cache-dir",
+                                    str(tmp_path / "cache")])
+    assert res.exit_code == 2 and "expected N×3×32×32 cifar10 images" in res.output, res.output
+    assert not (tmp_path / "cache").exists()
+    res = CliRunner().invoke(main, ["convert", "dverge-transfer", str(folder), "--name", "rel", "--dataset", "digits",
+                                    "--cache-dir", str(tmp_path / "cache")], catch_exceptions=False)
+    assert res.exit_code == 0 and "32 transfer sets" in res.output and '"rel_baseline3"' in res.output, res.output
+    index = transfer.released_index("rel_baseline3", tmp_path / "cache")
+    assert index is not None and len(index["sets"]) == 8
+    key = index["sets"]["sgm-cw"]["0.1"]
+    ts = transfer.load_set(key, root=tmp_path / "cache", expect_ids=ids)
+    assert torch.equal(ts.x_adv, files[("from_baseline3_cw_sgm_0.2_steps_100", 0.1)])
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    add_module(net, "victim", "digits", runs_dir=tmp_path / "runs")
+    runs = evaluate_protocol("demo-blackbox", ["victim"], n=n, overrides=['sources=["rel_baseline3"]'],
+                             runs_dir=tmp_path / "runs", db=tmp_path / "r.db", cache_root=tmp_path / "cache",
+                             quiet=True, memory_format="contiguous")
+    with Store(tmp_path / "r.db") as st:
+        df = st.outcomes(runs["victim"])
+    row = df[(df["attack"] == "sgm-cw") & (df["eps"] == 0.1)].sort_values("sample")
+    expect = (net(files[("from_baseline3_cw_sgm_0.2_steps_100", 0.1)]).argmax(1) == y).long()
+    by_id = dict(zip(ids, expect.tolist()))
+    assert list(row["correct"]) == [by_id[i] for i in row["sample"]]
+    assert set(df["source"]) >= {"rel_baseline3"}
+
+    # labels of other samples: refused, one line
+    torch.save(torch.roll(y, 1), folder / "eps_0.1" / names[0] / "labels.pt")
+    with pytest.raises(Exception) as e:
+        import_dverge_transfer(folder, "rel2", dataset="digits", cache_root=tmp_path / "cache2")
+    assert "labels differ" in str(e.value)
+    assert not (tmp_path / "cache2").exists()

@@ -18,10 +18,13 @@ KINDS = ("eio-rgn", "dverge-ensemble", "dverge-transfer")
 @click.option("--runs-dir", type=click.Path(), default=None, help="where runs live (default $ROBBENCH_RUNS or ./runs)")
 @click.option("--cache-dir", type=click.Path(), default=None,
               help="dverge-transfer: transfer-set cache (default $ROBBENCH_CACHE/transfer or ./cache/transfer)")
+@click.option("--dataset", default="cifar10", show_default=True,
+              help="dverge-transfer: the dataset the sets were drawn from (their labels are checked against it)")
+@click.option("--data-root", type=click.Path(), default=None, help="dverge-transfer: dataset folder (default ./data)")
 @click.option("--force", is_flag=True, help="replace a run of the same name (the old one is moved aside, kept)")
 @user_errors
 def convert(kind: str, path: str, name: str, like: str | None, runs_dir: str | None, cache_dir: str | None,
-            force: bool) -> None:
+            dataset: str, data_root: str | None, force: bool) -> None:
     """Convert a paper's released file into an imported run robbench evaluates.
 
     \b
@@ -34,7 +37,7 @@ def convert(kind: str, path: str, name: str, like: str | None, runs_dir: str | N
     if kind == "dverge-transfer":
         from robbench.imported.transfer_sets import import_dverge_transfer
 
-        res = import_dverge_transfer(path, name, runs_dir=runs_dir, cache_root=cache_dir, force=force)
+        res = import_dverge_transfer(path, name, dataset=dataset, cache_root=cache_dir, data_root=data_root)
         click.echo(res.summary())
         return
     if kind == "eio-rgn":

@@ -53,6 +53,10 @@ class SourceSets:
     def ensure(self, target: Target, data: Any, ids: list[int], opts: "SourceOptions") -> TransferSets:
         sets = TransferSets(self.root, ids)
         for src in self.proto.sources:
+            released = transfer.released_index(src, self.root)
+            if released is not None:  # a paper's own adversarial examples: no source model to load
+                self._released(src, released, target, sets)
+                continue
             s = load_target(src, opts.runs_dir, opts.device, memory_format=opts.memory_format)
             if s.dataset != target.dataset:
                 raise UserError(f"source {src} is a {s.dataset} model, target {target.name} a {target.dataset} model",
@@ -68,6 +72,19 @@ class SourceSets:
                 self._store_accuracy(s, sets, ids, opts.store)
             del s
         return sets
+
+    def _released(self, src: str, index: dict[str, Any], target: Target, sets: TransferSets) -> None:
+        if index.get("dataset") != target.dataset:
+            raise UserError(f"released sets {src} are {index.get('dataset')} images, target {target.name} a "
+                            f"{target.dataset} model", file=self.proto.source_file, field="sources")
+        for a in self.attacks:
+            for e in a.eps:
+                key = index["sets"].get(a.id, {}).get(transfer.eps_label(e))
+                if key is None:
+                    have = ", ".join(sorted(index["sets"])) or "none"
+                    raise UserError(f"released sets {src} have no {a.id!r} at eps {e:g} (attack ids there: {have})",
+                                    file=self.proto.source_file, field="sources")
+                sets.keys[(src, a.id, e)] = key
 
     def _make(self, a: PlannedAttack, s: Target, data: Any, ids: list[int], fields: dict[float, dict[str, Any]],
               opts: "SourceOptions") -> None:

@@ -154,6 +154,51 @@ def _publish(root: Path, key: str, fields: dict[str, Any], tensors: dict[str, to
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def publish_set(fields: dict[str, Any], x_adv: torch.Tensor, labels: torch.Tensor, sample_ids: Sequence[int],
+                source_correct: torch.Tensor, *, root: str | Path | None = None,
+                extra: dict[str, Any] | None = None) -> str:
+    """Write one complete set made elsewhere (e.g. a paper's released adversarial examples) under its key;
+    returns the key. An existing set of that key is kept as it is."""
+    key = set_key(fields)
+    tensors = {"x_adv": x_adv.detach().float().cpu().contiguous(), "labels": labels.to(torch.int64).cpu(),
+               "sample_ids": torch.as_tensor(list(sample_ids), dtype=torch.int64),
+               "source_correct": source_correct.to(torch.uint8).cpu()}
+    _publish(transfer_root(root), key, fields, tensors, dict(extra or {}))
+    return key
+
+
+RELEASED_DIR = "released"  # <root>/released/<source>.json: sets imported for a source that is not a model
+RELEASED_FORMAT = "robbench-released-transfer-sets"
+
+
+def eps_label(eps: float) -> str:
+    return f"{float(eps):g}"
+
+
+def released_index(source: str, root: str | Path | None = None) -> dict[str, Any] | None:
+    """The index of released sets imported under ``source`` (``robbench convert dverge-transfer``), or None."""
+    f = transfer_root(root) / RELEASED_DIR / f"{source}.json"
+    if not f.is_file():
+        return None
+    try:
+        index = json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"corrupt released-set index ({e})", file=str(f)) from None
+    if index.get("format") != RELEASED_FORMAT or not isinstance(index.get("sets"), dict):
+        raise DataError(f"not a released-set index (format {index.get('format')!r})", file=str(f), field="format")
+    return index
+
+
+def write_released_index(source: str, index: dict[str, Any], root: str | Path | None = None) -> Path:
+    d = transfer_root(root) / RELEASED_DIR
+    d.mkdir(parents=True, exist_ok=True)
+    f = d / f"{source}.json"
+    tmp = d / f".{source}.json.tmp"
+    tmp.write_text(json.dumps({"format": RELEASED_FORMAT, **index}, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, f)
+    return f
+
+
 # A batch generator: (x, y, eps_per_sample) -> (x_adv, source_correct bool)
 CraftFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
