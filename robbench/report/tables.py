@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 from robbench.report.flags import Flag, protocol_info
 from robbench.report.measures import Cell, SeedCell, compute, compute_seeds
 from robbench.report.reference import RefValue, published, table_layout
 from robbench.report.results import Results
-from robbench.report.views import View, ViewsFile
+from robbench.report.views import View, ViewsFile, load_views, views_path
 
 _SIZE = re.compile(r"/(\d+)")
 MEASURE = "accuracy"  # every table cell: accuracy in % (transferability heatmaps: attack success rate in %)
@@ -143,18 +145,27 @@ def protocol_dataset(protocol: str) -> str:
     return ds[0] if len(ds) == 1 else ""
 
 
-def published_protocols(spec: ViewsFile) -> dict[tuple[str, str, str], str]:
-    """(paper, table, column) -> the protocol a view that differences that published table declares
-    for the column: the setting the published number comes from."""
-    out: dict[tuple[str, str, str], str] = {}
-    for v in spec.view:
-        if not v.compare:
-            continue
-        p, t = v.ref_paper_table
-        for c in list(v.columns) or table_layout(p, t)[1]:
-            m = v.measure(c)
-            if m.kind != "none" and m.protocol:
-                out.setdefault((p, t, c), m.protocol)
+@lru_cache(maxsize=4)
+def _shipped_views(path: str) -> ViewsFile:
+    return load_views(Path(path))
+
+
+def published_protocols(spec: ViewsFile) -> dict[tuple[str, str, str, str], str]:
+    """(paper, table, row, column) -> the protocol of the published number's setting: the protocol of the
+    first shipped view that differences that cell (``protocols/reference/views/``, curated against the
+    papers), else of the first such view in ``spec``. A copy of a table on a variant protocol (another CW
+    masking, a user's views file) is then shown beside the published number, not differenced."""
+    out: dict[tuple[str, str, str, str], str] = {}
+    for source in (_shipped_views(str(views_path())), spec):
+        for v in source.view:
+            if not v.compare:
+                continue
+            p, t = v.ref_paper_table
+            for r in v.rows:
+                for c in list(v.columns) or table_layout(p, t)[1]:
+                    m = v.measure(c)
+                    if m.kind != "none" and m.protocol:
+                        out.setdefault((p, t, r, c), m.protocol)
     return out
 
 
@@ -188,7 +199,7 @@ def build_table(results: Results, view: View, flags: list[Flag], spec: ViewsFile
             if cell is not None and m.kind == "robust":
                 fl = [f for f in flags if f.entry in entries and f.protocol == m.protocol
                       and (f.eps is None or (m.eps is not None and abs(f.eps - m.eps) < 1e-9))]
-            pub_proto = m.protocol if view.compare else pub_protocols.get((ref_paper, ref_table, c), "")
+            pub_proto = pub_protocols.get((ref_paper, ref_table, r, c), "")
             pub = Setting(protocol_dataset(pub_proto), pub_proto) if ref is not None else Setting("", "")
             cells[(r, c)] = CellResult(r, c, entries, m.protocol, cell, ref, m.kind != "none", fl,
                                        run_setting(results, cell, m.protocol), pub)

@@ -200,7 +200,7 @@ class PaperReport:
         sizes: dict[str, list[figures.Series]] = {}
         shape: dict[str, list[figures.Series]] = {}  # published numbers of another setting, own panels
         for r in t.rows:
-            size = size_of(r) or "all"
+            size = "+own" if r in t.own else (size_of(r) or "all")
             name = method_of(r) if r not in t.own else r.removeprefix(OWN_MARK)
             pts = []
             for c in cols:
@@ -227,6 +227,10 @@ class PaperReport:
                 if other:
                     shape.setdefault(size, []).append(figures.Series(name, [p[0] for p in other],
                                                                      [p[1] for p in other], published=True))
+        own = sizes.pop("+own", [])
+        if own:  # the user's runs join every panel of the paper's rows (compared against each size)
+            for n in list(sizes) or ["all"]:
+                sizes.setdefault(n, []).extend(own)
         order = sorted(sizes, key=lambda n: (n == "all", int(n) if n.isdigit() else 0))
         panels = [(self._panel_title(view, n), sizes[n]) for n in order if sizes[n]]
         ref_p, ref_t = view.ref_paper_table
@@ -256,11 +260,9 @@ class PaperReport:
 
     def _published_dataset(self, view: View) -> str:
         ref_p, ref_t = view.ref_paper_table
-        protos = published_protocols(self.spec)
-        for c in table_layout(ref_p, ref_t)[1]:
-            ds = protocol_dataset(protos.get((ref_p, ref_t, c), ""))
-            if ds:
-                return ds
+        for (p, t, _r, _c), proto in sorted(published_protocols(self.spec).items()):
+            if (p, t) == (ref_p, ref_t) and protocol_dataset(proto):
+                return protocol_dataset(proto)
         return ""
 
     # ----------------------------------------------------------------------------- heatmaps
