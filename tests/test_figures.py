@@ -199,6 +199,11 @@ def test_cli_report_on_a_protocol_prints_files_and_summary(store, tmp_path: Path
     assert "best entry per protocol" in r.output and "demo-whitebox:" in r.output
     page = (tmp_path / "demo-whitebox" / "README.md").read_text()
     assert "| demo_baseline_x3 |" in page and "| my_cnn |" in page
+    r = CliRunner().invoke(main, ["report", "--paper", "demo-transferability", "--out", str(tmp_path), "--db", str(db),
+                                  "--runs-dir", str(runs), "--no-screenshot"])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "demo-transferability" / "transfer_demo_baseline_x3_0.1.svg").exists()
+    assert "training_curves.png" in (tmp_path / "demo-transferability" / "README.md").read_text()
     bad = CliRunner().invoke(main, ["report", "--paper", "no-such-thing", "--out", str(tmp_path / "x")])
     assert bad.exit_code == 2 and "unknown paper or protocol" in bad.output and not (tmp_path / "x").exists()
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import fnmatch
 import html
+import re
 from typing import Any
 
 import pandas as pd
@@ -219,7 +220,8 @@ def _td(text: str, sort: Any = None, num: bool = False, inner: str | None = None
 def to_html(df: pd.DataFrame) -> str:
     e = html.escape
     out = ["<!DOCTYPE html>", "<html lang=\"en\"><head><meta charset=\"utf-8\"><title>robbench leaderboard</title>",
-           f"<style>{_CSS}</style></head><body>", "<h1>robbench leaderboard</h1>", f"<p>{e(INTRO)}</p>",
+           f"<style>{_CSS}</style></head><body>", "<h1>robbench leaderboard</h1>",
+           "<p>" + re.sub(r"`([^`]+)`", r"<code>\1</code>", e(INTRO)) + "</p>",
            "<p>Click a column header to sort; type in the box to show only matching rows. "
            "Rows with sanity flags are shaded.</p>",
            '<input id="filter" type="search" placeholder="filter rows (entry, origin, flag, ...)" '

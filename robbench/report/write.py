@@ -476,7 +476,8 @@ def protocol_views(protocol: str, results: Results) -> ViewsFile:
     title = f"Protocol {protocol}"
     spec = ViewsFile(papers={protocol: PaperInfo(title=title, intro=(
         f"Every entry evaluated with `{protocol}` ({info['kind'] or 'unknown kind'}"
-        + (f", {', '.join(info['datasets'])}" if info["datasets"] else "") + ") in the results store."))})
+        + (f", {', '.join(info['datasets'])}" if info["datasets"] else "") + ") in the results store."),
+        training_curves=sorted({r.entry for r in runs}))})
     if info["kind"] == "transferability":
         for e in eps:
             spec.heatmap.append(Heatmap(paper=protocol, protocol=protocol, eps=e, attack=_transfer_attack(results, runs),
@@ -580,7 +581,9 @@ def build_report(paper: str = "all", out: str | Path = "reports", db: str | Path
         if screenshot:
             from robbench.report.screenshot import screenshot as take
 
-            why = take(page, out / "leaderboard.png")
+            groups = board.groupby(["protocol", "dataset", "sample_sha256"]).ngroups if not board.empty else 0
+            height = min(SCREENSHOT_MAX_HEIGHT, 330 + 110 * groups + 37 * len(board))  # the whole page, roughly
+            why = take(page, out / "leaderboard.png", (1500, height))
             if why is None:
                 written.append(out / "leaderboard.png")
             else:
@@ -607,6 +610,7 @@ def write_report(paper: str = "all", out: str | Path = "reports", db: str | Path
 
 
 SUMMARY_FLAG_LINES = 8
+SCREENSHOT_MAX_HEIGHT = 6000
 
 
 def summary_lines(summaries: list[dict[str, Any]], board: pd.DataFrame, fl: pd.DataFrame) -> list[str]:
