@@ -115,6 +115,14 @@ def test_heatmap_is_attack_success_rate_with_a_colorbar(demo: Path, store, tmp_p
         acc = transfer_matrix(st.outcomes(rid), "pgd", eps=0.1)
     cell = heat[(heat["source"] == 0) & (heat["target"] == "1") & (heat["eps"] == 0.1)]
     assert cell["attack_success_rate"].iloc[0] == pytest.approx(100 * (1 - acc.loc[0, 1]))
+    # the command-line text of the same run: the same number, the same unit
+    from robbench.report.transferability import success_lines
+
+    with Store(db) as st:
+        lines = success_lines(st.outcomes(rid))
+    assert "attack success rate (%)" in lines[0]
+    row0 = lines[2].split()
+    assert row0[0] == "0" and row0[2] == f"{cell['attack_success_rate'].iloc[0]:.1f}%"
 
 
 def test_no_csv_delta_pairs_different_settings(store, tmp_path: Path) -> None:

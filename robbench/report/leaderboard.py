@@ -20,8 +20,9 @@ from robbench.report.results import Results, RunInfo
 
 RANKED_KINDS = ("whitebox", "transfer", "autoattack", "convergence")
 COLUMNS = ["protocol", "dataset", "sample_sha256", "sample_rule", "rank", "entry", "origin", "robust",
-           "robust_ci_low", "robust_ci_high", "eps", "clean", "n", "forward_passes", "params",
+           "robust_ci_low", "robust_ci_high", "eps", "clean", "unit", "n", "forward_passes", "params",
            "checkpoint_sha256", "date", "flags", "run_id"]
+UNIT = "%"  # robust and clean accuracy (and their intervals)
 UNKNOWN_SAMPLES = "unrecorded"  # runs from before the engine recorded its sample set: one group of their own
 RUNS_PAGE = "runs.html"
 
@@ -103,7 +104,7 @@ def leaderboard(results: Results, configured_eps: dict[str, float], exclude: lis
             "entry": run.entry, "origin": results.origin(run),
             "robust": round(100 * kn[0] / kn[1], 4), "robust_ci_low": round(100 * lo, 4),
             "robust_ci_high": round(100 * hi, 4), "eps": eps,
-            "clean": None if not cc else round(100 * cc[0] / cc[1], 4), "n": kn[1],
+            "clean": None if not cc else round(100 * cc[0] / cc[1], 4), "unit": UNIT, "n": kn[1],
             "forward_passes": forward_passes(results, run, cfg, info["member"]),
             "params": results.param_count(run.entry), "checkpoint_sha256": run.checkpoint_sha256,
             "date": run.finished[:10],
