@@ -416,7 +416,7 @@ def test_cli_evaluate_and_one_line_errors(runs: Path, tmp_path: Path):
         run = s.runs().iloc[0]
         assert run["overrides"] == ["samples.n=10", "eps=[0.1, 0.2]"] and run["status"] == "done"
     bad = CliRunner().invoke(main, args + ["nope"])
-    assert bad.exit_code == 2 and "robbench train zoo/nope" in bad.output and "Traceback" not in bad.output
+    assert bad.exit_code == 2 and "no trained run for 'nope'" in bad.output and "Traceback" not in bad.output
     too_many = CliRunner().invoke(main, args + ["t_one", "--n", "5000"])
     assert too_many.exit_code == 2 and "samples.n" in too_many.output and "450" in too_many.output
 
@@ -625,3 +625,48 @@ def test_a_new_attack_gets_batching_restarts_resume_and_sharding(runs: Path, tmp
     with Store(tmp_path / "dist.db") as s:
         (drid,) = s.runs()["run_id"]
     pd.testing.assert_frame_equal(_rows(tmp_path / "dist.db", drid), _rows(tmp_path / "ref.db", ref))
+
+
+def test_progress_moves_per_unit_and_autoattack_lines_stream(runs: Path, tmp_path: Path, monkeypatch, capsys):
+    """One sample batch (the bar used to jump 0 -> 100% at its end): the bar moves after each unit of work
+    (clean, then each attack); AutoAttack's per-attack lines stream while it runs unless quiet; a run's
+    meta records its origin."""
+    updates: list[int] = []
+
+    class Bar:
+        def __init__(self, total: int) -> None:
+            self.total = total
+
+        def update(self, k: int) -> None:
+            updates.append(k)
+
+        def close(self) -> None:
+            pass
+
+    totals: list[int] = []
+
+    def progress(self, total: int, desc: str) -> Bar:
+        totals.append(total)
+        return Bar(total)
+
+    monkeypatch.setattr(engine.Settings, "progress", progress)
+    text = "early_stop = false\n" + WB.replace("batch_size = 10", "batch_size = 20").replace("n = 40", "n = 12") + """
+[[attacks]]
+id = "aa"
+attack = "autoattack"
+[attacks.params]
+version = "custom"
+attacks = ["apgd-ce"]
+n_iter = 3
+"""
+    p = _proto(tmp_path, "two", text)
+    rid = engine.evaluate_protocol(p, ["t_one"], runs_dir=runs, db=tmp_path / "p.db", cache_root=tmp_path / "cache",
+                                   quiet=False, memory_format="contiguous")["t_one"]
+    assert totals == [36] and [k for k in updates if k] == [12, 12, 12]  # clean, pgd, aa: 12 samples each
+    err = capsys.readouterr().err
+    assert "autoattack: robust accuracy after APGD-CE" in err
+    with Store(tmp_path / "p.db") as s:
+        assert s.run(rid)["meta"]["origin"] == "trained"
+    updates.clear()
+    _ev(p, ["t_one"], runs, tmp_path, db="q.db", memory_format="contiguous")  # quiet
+    assert "autoattack:" not in capsys.readouterr().err
