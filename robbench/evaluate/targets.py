@@ -111,6 +111,11 @@ def resolve_targets(proto: Protocol, entries: Sequence[str], runs_dir: str | Pat
     """Named entries, or every trained entry the protocol applies to (none: say which to train). Runs
     that cannot be loaded are named with the reason (``say`` gets that line when others remain)."""
     if entries:
+        for e in entries:
+            if isinstance(e, nn.Module):
+                raise UserError(f"entries are run names; evaluate a {type(e).__name__} object with "
+                                "robbench.evaluate(model, protocol=..., name=...) (it imports the module as a run)",
+                                field="entries")
         return [entry_name(e) for e in entries]
     found, skipped = scan_runs(runs_dir)
     names = [n for n, e in found if proto.applies(e)]
