@@ -242,3 +242,27 @@ def test_changed_source_is_refused_and_missing_source_is_skipped_with_reason(fol
     with pytest.raises(UserError) as e2:
         resolve_targets(proto, [], folder / "runs")
     assert "skipped 2 run(s)" in str(e2.value) and "other_cnn (" in str(e2.value)
+
+
+def test_results_list_filters(tmp_path: Path) -> None:
+    from robbench.store import Store
+
+    db = tmp_path / "r.db"
+    with Store(db) as st:
+        a = st.start_run("demo_baseline_x3", "a" * 64, "demo-whitebox", "p" * 64, [], 0, {"origin": "trained",
+                         "samples": {"n": 100}})
+        st.finish_run(a)
+        st.start_run("my_cnn", "b" * 64, "demo-autoattack", "q" * 64, ["samples.n=20"], 0, {"origin": "imported"})
+    run = lambda *args: CliRunner().invoke(main, ["results", "list", "--db", str(db), *args])  # noqa: E731
+    out = run().output
+    assert "demo_baseline_x3" in out and "my_cnn" in out
+    out = run("--entry", "demo_*").output
+    assert "demo_baseline_x3" in out and "my_cnn" not in out
+    out = run("--origin", "imported", "--format", "json").output
+    rows = json.loads(out)
+    assert [r["entry"] for r in rows] == ["my_cnn"] and rows[0]["status"] == "running"
+    assert rows[0]["overrides"] == "samples.n=20"
+    assert "no runs match" in run("--protocol", "dverge-*").output
+    missing = run("--db", str(tmp_path / "none.db"))
+    assert missing.exit_code == 2 and "no results store" in missing.output
+    assert not (tmp_path / "none.db").exists()

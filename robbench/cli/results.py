@@ -29,7 +29,8 @@ def run_table(db: str | None = None, *, entry: str | None = None, protocol: str 
         samples = meta.get("samples") if isinstance(meta.get("samples"), dict) else {}
         rows.append({"run_id": int(r.run_id), "entry": r.entry, "protocol": r.protocol, "role": r.role,
                      "status": r.status, "origin": meta.get("origin", "trained"), "n": samples.get("n"),
-                     "checkpoint": str(r.checkpoint_sha256)[:12], "finished": (r.finished or "")[:19],
+                     "checkpoint": str(r.checkpoint_sha256)[:12],
+                     "finished": r.finished[:19] if isinstance(r.finished, str) else "",
                      "overrides": " ".join(r.overrides or [])})
     out = pd.DataFrame(rows, columns=COLUMNS)
     if entry:
