@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from robbench.errors import CheckpointError
-from robbench.paths import PROJECT_ROOT, runs_dir as default_runs_dir
+from robbench.paths import PROJECT_ROOT, ZOO_DIR, ensure_dir, filesystem_error, runs_dir as default_runs_dir
 
 if TYPE_CHECKING:  # only for hints; the models package imports torch modules we do not need here
     from torch import nn
@@ -81,10 +81,14 @@ def _fsync_dir(directory: Path) -> None:
 def atomic_save(path: str | Path, writer: Callable[[IO[bytes]], Any]) -> None:
     """Call ``writer(fh)`` on an open binary temp file beside ``path``, fsync it, then rename it to
     ``path``. If the writer raises (or the process dies) nothing is left under ``path``: an existing
-    file stays as it was and a stray temp file ``.<name>.*.tmp`` is removed when possible."""
+    file stays as it was and a stray temp file ``.<name>.*.tmp`` is removed when possible. An OS
+    refusal (read-only folder, a parent that is a file, a full disk) is a one-line :class:`UserError`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    ensure_dir(path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise filesystem_error(e, path.parent, f"write {path.name} in this folder") from None
     try:
         with os.fdopen(fd, "wb") as fh:
             writer(fh)
@@ -92,9 +96,11 @@ def atomic_save(path: str | Path, writer: Callable[[IO[bytes]], Any]) -> None:
             os.fsync(fh.fileno())
         os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
+    except BaseException as e:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise filesystem_error(e, path, "write the file") from None
         raise
     _fsync_dir(path.parent)
 
@@ -200,14 +206,33 @@ def state_dict_for_save(model: "nn.Module") -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
 
 
+def canonical_safetensors(data: bytes) -> bytes:
+    """The same safetensors file with its JSON header in one canonical form.
+
+    safetensors writes ``__metadata__`` from a hash map whose order changes per process, so equal
+    weights gave different bytes (and a different sha256, the checkpoint's identity in the results
+    store). The header is rewritten with ``__metadata__`` first and its keys sorted, then the tensor
+    entries in the writer's own (offset) order, compact, padded with spaces to 8 bytes as the format
+    requires; the tensor data is untouched (offsets count from the end of the header)."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    meta = header.pop("__metadata__", None)
+    canon: dict[str, Any] = {"__metadata__": dict(sorted(meta.items()))} if meta else {}
+    canon.update(header)
+    text = json.dumps(canon, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + data[8 + n:]
+
+
 def save_state_dict_file(path: str | Path, tensors: Mapping[str, torch.Tensor],
                          metadata: Mapping[str, str] | None = None) -> str:
     """Write a safetensors file atomically; returns its sha256. Tensors are copied to contiguous CPU
-    memory first (so tied or channels_last tensors are fine)."""
+    memory first (so tied or channels_last tensors are fine). Equal tensors and metadata give equal
+    bytes in every process (:func:`canonical_safetensors`)."""
     from safetensors.torch import save
 
     clean = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
-    data = save(clean, metadata=dict(metadata) if metadata else None)
+    data = canonical_safetensors(save(clean, metadata=dict(metadata) if metadata else None))
     atomic_write_bytes(path, data)
     return hashlib.sha256(data).hexdigest()
 
@@ -349,21 +374,63 @@ class RunDir:
     def exists(self) -> bool:
         return self.manifest_path.is_file()
 
+    def fresh_hint(self) -> str:
+        return f"start over with: robbench train zoo/{self.name} --fresh (moves this run aside, keeps it)"
+
+    def _missing_hint(self) -> str:
+        """How to get a run of this name: train its zoo entry, or say there is none."""
+        if (ZOO_DIR / f"{self.name}.toml").is_file():
+            return f"; train it with: robbench train zoo/{self.name}"
+        return (f", and no zoo entry of that name ({ZOO_DIR / (self.name + '.toml')} does not exist); list the "
+                "entries with: robbench zoo list")
+
+    def orphans(self) -> list[str]:
+        """Run files present without a manifest (a deleted or never-written manifest.json)."""
+        if self.exists() or not self.path.is_dir():
+            return []
+        return [n for n in (WEIGHTS, TRAIN_STATE, LOG) if (self.path / n).exists()]
+
+    def damage(self) -> CheckpointError | None:
+        """Why this run folder cannot be trained on or reused as it is (None when it can, or when there
+        is none): a file in its place, run files without a manifest, an unreadable manifest, a recorded
+        file whose sha256 differs. Every reason names the file and the ``--fresh`` remedy."""
+        if self.path.exists() and not self.path.is_dir():
+            return CheckpointError(f"is a file, not a run folder; {self.fresh_hint()}", file=str(self.path))
+        orphans = self.orphans()
+        if orphans:
+            return CheckpointError(f"holds {', '.join(orphans)} but no {MANIFEST} (deleted?), so its origin "
+                                   f"cannot be checked; {self.fresh_hint()}", file=str(self.manifest_path),
+                                   reason="checkpoint-hash")
+        if not self.exists():
+            return None
+        try:
+            m = self.read_manifest()
+            self.verify(manifest=m)
+        except CheckpointError as e:
+            return e
+        return None
+
     # -- manifest ------------------------------------------------------------------------------
     def read_manifest(self) -> dict[str, Any]:
         f = self.manifest_path
         if not f.is_file():
-            raise CheckpointError(f"no trained run for {self.name!r}; train it with: robbench train zoo/{self.name}",
+            raise CheckpointError(f"no trained run for {self.name!r}{self._missing_hint()}",
                                   file=str(f), reason="checkpoint-missing")
         try:
-            m = json.loads(f.read_text())
+            m = json.loads(f.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"corrupt manifest ({e})", file=str(f)) from None
+            raise CheckpointError(f"corrupt manifest ({str(e).splitlines()[0][:120]}); {self.fresh_hint()}",
+                                  file=str(f)) from None
+        except OSError as e:
+            raise filesystem_error(e, f, "read the manifest") from None
         if not isinstance(m, dict):
-            raise CheckpointError("corrupt manifest (not a JSON object)", file=str(f))
+            raise CheckpointError(f"corrupt manifest (not a JSON object); {self.fresh_hint()}", file=str(f))
         for key in ("entry", "config", "entry_sha256", "files", "status"):
             if key not in m:
-                raise CheckpointError("corrupt manifest (field missing)", file=str(f), field=key)
+                raise CheckpointError(f"corrupt manifest (field missing); {self.fresh_hint()}", file=str(f), field=key)
+        if not isinstance(m["files"], dict) or not all(isinstance(v, str) for v in m["files"].values()):
+            raise CheckpointError(f"corrupt manifest (expected a table of sha256 strings); {self.fresh_hint()}",
+                                  file=str(f), field="files")
         if m["status"] not in STATUSES:
             raise CheckpointError(f"unknown status {m['status']!r}; allowed: {', '.join(STATUSES)}",
                                   file=str(f), field="status")
@@ -413,7 +480,12 @@ class RunDir:
         """Start (or continue) training ``entry`` here; returns the manifest.
 
         An existing run of a different resolved config is an error unless ``fresh`` (which drops the
-        old weights and resume state): resuming it would silently mix two configurations."""
+        old weights and resume state): resuming it would silently mix two configurations. So are run
+        files without a manifest: their origin cannot be checked."""
+        orphans = self.orphans()
+        if orphans and not fresh:
+            raise CheckpointError(f"holds {', '.join(orphans)} but no {MANIFEST}; {self.fresh_hint()}",
+                                  file=str(self.manifest_path), reason="checkpoint-hash")
         if self.exists() and not fresh:
             m = self.read_manifest()
             if m["entry_sha256"] != entry.sha256():
@@ -445,12 +517,17 @@ class RunDir:
             if not f.is_file():
                 if name == TRAIN_STATE and names is None:
                     continue
-                raise CheckpointError(f"missing (the manifest records it); retrain with: robbench train "
-                                      f"zoo/{self.name}", file=str(f), reason="checkpoint-missing")
-            got = file_sha256(f)
-            if got != files[name]:
+                raise CheckpointError(f"missing (the manifest records it); {self.fresh_hint()}", file=str(f),
+                                      reason="checkpoint-missing")
+            try:
+                got = file_sha256(f)
+            except OSError as e:
+                raise filesystem_error(e, f, "read the file") from None
+            # a kill between writing a resume state and recording it leaves the announced one
+            if got != files[name] and got != (m.get("pending") or {}).get(name):
                 raise CheckpointError(f"sha256 mismatch (file {got[:12]}…, manifest {files[name][:12]}…): "
-                                      "corrupt or modified after training", file=str(f), reason="checkpoint-hash")
+                                      f"corrupt or modified after it was written; refused; {self.fresh_hint()}",
+                                      file=str(f), reason="checkpoint-hash")
         return m
 
     # -- weights -------------------------------------------------------------------------------
@@ -492,12 +569,18 @@ class RunDir:
         except pickle.UnpicklingError as e:
             raise TypeError(f"train state must hold only tensors and plain Python data: {str(e).splitlines()[0]}") from None
         m = self.read_manifest()
+        sha = hashlib.sha256(data).hexdigest()
+        # announce the new state's hash before writing it: a kill between the file and the manifest then
+        # leaves a state the manifest vouches for, and any other bytes there are refused
+        m["pending"] = {TRAIN_STATE: sha}
+        self.write_manifest(m)
         atomic_write_bytes(self.train_state_path, data)
-        m["files"][TRAIN_STATE] = hashlib.sha256(data).hexdigest()
+        m["files"][TRAIN_STATE] = sha
+        m.pop("pending", None)
         if epochs_done is not None:
             m["epochs_done"] = int(epochs_done)
         self.write_manifest(m)
-        return m["files"][TRAIN_STATE]
+        return sha
 
     def load_train_state(self) -> dict[str, Any] | None:
         """The resume state (sha256 verified), or None when the run has none yet. Tensors on CPU."""
@@ -512,11 +595,14 @@ class RunDir:
     # -- log -----------------------------------------------------------------------------------
     def append_log(self, record: Mapping[str, Any]) -> None:
         """Append one JSON line (flushed and fsynced: the log survives a kill as far as it was written)."""
-        self.path.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(dict(record), sort_keys=True) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
+        ensure_dir(self.path)
+        try:
+            with open(self.log_path, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(dict(record), sort_keys=True) + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+        except OSError as e:
+            raise filesystem_error(e, self.log_path, "append to the log") from None
 
     def read_log(self) -> list[dict[str, Any]]:
         """Log records; a torn last line (killed mid-write) is dropped."""

@@ -7,6 +7,7 @@ dataclasses. Every failure is a :class:`ConfigError` naming the file, the field 
 from __future__ import annotations
 
 import copy
+import difflib
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,7 @@ from robbench.registry import ARCHITECTURES, METHODS
 from robbench.schema import config_hash, opt, parse_dataclass, parse_options, to_dict
 
 # the option machinery lives in robbench.schema; these names are part of this module's interface
-__all__ = ["ZooEntry", "apply_overrides", "blame_override", "config_hash", "deep_merge", "list_entries", "list_protocols",
+__all__ = ["ZooEntry", "apply_overrides", "blame_override", "check_conflicts", "config_hash", "deep_merge", "list_entries", "list_protocols",
            "load_entry", "load_raw", "opt", "parse_dataclass", "parse_options", "parse_override", "resolve_entry",
            "resolve_path", "to_dict"]
 
@@ -35,6 +36,11 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError("file not found", file=str(path)) from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"not valid TOML ({e})", file=str(path)) from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"not UTF-8 text (byte {e.start}: {e.reason}); TOML files must be UTF-8",
+                          file=str(path)) from None
+    except OSError as e:
+        raise ConfigError(f"cannot read it ({e.strerror or type(e).__name__})", file=str(path)) from None
 
 
 def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -48,8 +54,11 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def resolve_path(spec: str, directory: Path, kind: str) -> Path:
-    """``zoo/eio_resnet20``, ``eio_resnet20``, ``eio_resnet20.toml`` or a path to any TOML file."""
+def resolve_path(spec: str, directory: Path, kind: str, *, file: str | None = None,
+                 field: str | None = None) -> Path:
+    """``zoo/eio_resnet20``, ``eio_resnet20``, ``eio_resnet20.toml`` or a path to any TOML file.
+    ``file``/``field``: where the name was written (an ``extends``), named by the error instead of
+    the folder searched."""
     p = Path(spec)
     for cand in (p, p.with_suffix(".toml") if p.suffix != ".toml" else p):
         if cand.is_file():
@@ -58,8 +67,12 @@ def resolve_path(spec: str, directory: Path, kind: str) -> Path:
     cand = directory / f"{name}.toml"
     if cand.is_file():
         return cand
-    known = ", ".join(sorted(q.stem for q in directory.glob("*.toml")))
-    raise ConfigError(f"no {kind} named {spec!r}; known: {known}", file=str(directory))
+    known = sorted(q.stem for q in directory.glob("*.toml"))
+    close = difflib.get_close_matches(name, known, n=3)
+    hint = f"did you mean {', '.join(close)}?" if close else f"known ({len(known)}): {', '.join(known[:12])}" + (
+        ", ..." if len(known) > 12 else "")
+    raise ConfigError(f"no {kind} named {spec!r}" + (f" in {directory}" if file else "") + f"; {hint}",
+                      file=file or str(directory), field=field)
 
 
 def load_raw(spec: str, directory: Path, kind: str, _chain: tuple[str, ...] = ()) -> tuple[dict[str, Any], Path]:
@@ -74,8 +87,9 @@ def load_raw(spec: str, directory: Path, kind: str, _chain: tuple[str, ...] = ()
     if parent is not None:
         if not isinstance(parent, str):
             raise ConfigError("expected the name of another file", file=str(path), field="extends")
-        base, _ = load_raw(parent, path.parent if (path.parent / f"{parent}.toml").exists() else directory,
-                           kind, (*_chain, key))
+        where = path.parent if (path.parent / f"{parent}.toml").exists() else directory
+        resolve_path(parent, where, kind, file=str(path), field="extends")  # a missing parent names this file
+        base, _ = load_raw(parent, where, kind, (*_chain, key))
         base.pop("name", None)
         base.pop("description", None)
         data = deep_merge(base, data)
@@ -98,18 +112,57 @@ def parse_override(text: str, file: str = "--set") -> tuple[list[str], Any]:
     return key.split("."), value
 
 
+def _select(items: list[Any], k: str, keys: list[str]) -> Any:
+    """The table of an array of tables that ``k`` names: by its ``id`` (``attacks.pgd-ce``) or index."""
+    for item in items:
+        if isinstance(item, dict) and item.get("id") == k:
+            return item
+    if k.isdigit() and int(k) < len(items) and isinstance(items[int(k)], dict):
+        return items[int(k)]
+    ids = [str(i.get("id")) for i in items if isinstance(i, dict) and "id" in i]
+    allowed = f"ids {', '.join(ids)}" if ids else f"indices 0..{len(items) - 1}"
+    raise ConfigError(f"no table {k!r} here; allowed: {allowed}", file="--set", field=".".join(keys))
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``--set key=value`` overrides. A key may go into an array of tables by the table's ``id``
+    or its index: ``attacks.pgd-ce.params.steps=20`` (or ``attacks.0.params.steps=20``)."""
     out = copy.deepcopy(data)
     for text in overrides:
         keys, value = parse_override(text)
-        node = out
-        for k in keys[:-1]:
+        node: Any = out
+        for i, k in enumerate(keys[:-1]):
+            if isinstance(node, list):
+                node = _select(node, k, keys)
+                continue
             nxt = node.setdefault(k, {})
-            if not isinstance(nxt, dict):
-                raise ConfigError(f"{k} is not a table", file="--set", field=".".join(keys))
+            if not isinstance(nxt, (dict, list)) or (isinstance(nxt, list) and not nxt):
+                raise ConfigError(f"{'.'.join(keys[:i + 1])} is not a table", file="--set", field=".".join(keys))
             node = nxt
+        if isinstance(node, list):
+            raise ConfigError("is an array of tables; name one of them and a field (e.g. "
+                              f"{'.'.join(keys)}.<id>.<field>)", file="--set", field=".".join(keys))
         node[keys[-1]] = value
     return out
+
+
+def check_conflicts(overrides: list[str], labels: dict[str, str] | None = None) -> None:
+    """Refuse a flag (``--n 30``) and another override that set one field (or a field and the table
+    holding it) to different values: which one wins would be an accident of order. ``labels`` maps an
+    override to the flag it came from (``samples.n=30`` -> ``--n 30``); plain overrides may be layered
+    (later ones win, as a list built in code expects)."""
+    labels = labels or {}
+    seen: list[tuple[list[str], Any, str]] = []
+    for text in overrides:
+        keys, value = parse_override(text)
+        for other_keys, other_value, other in seen:
+            n = min(len(keys), len(other_keys))
+            flagged = any(x in labels and not labels[x].startswith("--set ") for x in (text, other))
+            if flagged and keys[:n] == other_keys[:n] and (len(keys) != len(other_keys) or value != other_value):
+                a, b = labels.get(other, f"--set {other}"), labels.get(text, f"--set {text}")
+                raise ConfigError(f"conflicting overrides: '{a}' and '{b}' both set {'.'.join(keys[:n])}; "
+                                  "give one of them", reason="conflict")
+        seen.append((keys, value, text))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -201,16 +254,22 @@ class ZooEntry:
         return config_hash(self.resolved())
 
 
-def blame_override(err: ConfigError, overrides: list[str]) -> ConfigError:
-    """Say which --set caused an error, so the user does not hunt for it in the file."""
-    for text in overrides:
+def blame_override(err: ConfigError, overrides: list[str], labels: dict[str, str] | None = None) -> ConfigError:
+    """Say which --set caused an error, so the user does not hunt for it in the file. ``labels``: the
+    flag an override came from (``{"samples.n=0": "--n 0"}``): such an error names the flag alone."""
+    labels = labels or {}
+    for text in reversed(overrides):  # the last override of a field is the one in effect
         key = text.split("=", 1)[0].strip()
-        if err.field and (err.field == key or err.field.startswith(key + ".")):
-            return ConfigError(err.detail, file=f"{err.file} (--set {text})", field=err.field)
+        if err.field and (err.field == key or err.field.startswith(key + ".") or err.field.startswith(key + "[")):
+            if text in labels:
+                return ConfigError(err.detail, file=labels[text], field=err.field, reason=err.reason)
+            where = f"--set {text}" if err.file in (None, "--set") else f"{err.file} (--set {text})"
+            return ConfigError(err.detail, file=where, field=err.field, reason=err.reason)
     return err
 
 
-def resolve_entry(raw: dict[str, Any], file: str, overrides: list[str] | None = None, prefix: str = "") -> ZooEntry:
+def resolve_entry(raw: dict[str, Any], file: str, overrides: list[str] | None = None, prefix: str = "",
+                  labels: dict[str, str] | None = None) -> ZooEntry:
     """Merged zoo-entry data -> the fully typed :class:`ZooEntry`: the entry, its method's and its
     architecture's options, its dataset's options. The one resolver of zoo entries, from ``zoo/`` files
     (:func:`load_entry`) and from run manifests (``robbench.checkpoint.entry_from_manifest``, ``prefix``
@@ -232,17 +291,19 @@ def resolve_entry(raw: dict[str, Any], file: str, overrides: list[str] | None = 
                                           prefix=at("model.options"), what=f"architecture {entry.model.arch!r}")
         validate_options(entry.data.dataset, entry.data.options, file=file)
     except ConfigError as e:
-        raise blame_override(e, overrides) from None
+        raise blame_override(e, overrides, labels) from None
     return entry
 
 
-def load_entry(spec: str, overrides: list[str] | None = None) -> ZooEntry:
-    """Load, merge, override and validate a zoo entry (``zoo/NAME``, ``NAME`` or a path)."""
+def load_entry(spec: str, overrides: list[str] | None = None, labels: dict[str, str] | None = None) -> ZooEntry:
+    """Load, merge, override and validate a zoo entry (``zoo/NAME``, ``NAME`` or a path). ``labels``:
+    overrides that came from a flag (``{"train.epochs=3": "--epochs 3"}``), named by errors."""
     raw, path = load_raw(spec, ZOO_DIR, "zoo entry")
     overrides = list(overrides or [])
+    check_conflicts(overrides, labels)
     raw = apply_overrides(raw, overrides)
     raw.setdefault("name", path.stem)
-    return resolve_entry(raw, str(path), overrides)
+    return resolve_entry(raw, str(path), overrides, labels=labels)
 
 
 def list_entries(directory: Path = ZOO_DIR) -> list[str]:

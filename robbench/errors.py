@@ -17,6 +17,12 @@ REASONS = {
     "store-version": "a results store of a version this robbench cannot read or migrate",
     "store-migration": "a results store whose contents cannot be migrated",
     "store": "a file that is not a usable results store",
+    "store-damaged": "a results store whose SQLite file is damaged (recover it or use another)",
+    "store-foreign": "an SQLite file that is not a robbench results store",
+    "store-readonly": "a results store that cannot be written",
+    "filesystem": "a path that cannot be read or written (read-only, a file where a folder goes, disk full)",
+    "device": "a device name that is not valid or not present on this machine",
+    "conflict": "two overrides (flags or --set) that give one field different values",
     "user": "any other user mistake",
 }
 

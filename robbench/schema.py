@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import field
@@ -100,6 +101,8 @@ def _convert(value: Any, tp: Any, file: str, path: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"expected a number, got {value!r}", file=file, field=path)
+        if not math.isfinite(value):  # nan passes every range check; inf is no budget, rate or size
+            raise ConfigError(f"expected a finite number, got {value!r}", file=file, field=path)
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -108,14 +111,22 @@ def _convert(value: Any, tp: Any, file: str, path: str) -> Any:
     raise TypeError(f"unsupported config type {tp!r} at {path}")
 
 
+def _internal(f: dataclasses.Field[Any]) -> bool:
+    """Fields the code fills, not the user: ``_extends`` (set from ``extends``), and fields kept out of
+    the resolved form (``repr=False``: parsed options, the source file, the overrides)."""
+    return f.name.startswith("_") or not f.repr
+
+
 def parse_dataclass(cls: type[D], data: dict[str, Any], *, file: str, prefix: str = "") -> D:
     """Validate ``data`` into dataclass ``cls``: unknown keys, types, ranges and registry names."""
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(data) - set(fields))
+    settable = {n: f for n, f in fields.items() if f.repr}  # internal repr=False fields are never read from data
+    unknown = sorted(set(data) - set(settable))
     if unknown:
         where = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
-        raise ConfigError(f"unknown key; allowed here: {', '.join(sorted(fields))}", file=file, field=where)
+        allowed = sorted(n for n, f in settable.items() if not _internal(f))
+        raise ConfigError(f"unknown key; allowed here: {', '.join(allowed)}", file=file, field=where)
     kwargs: dict[str, Any] = {}
     for name, f in fields.items():
         path = f"{prefix}.{name}" if prefix else name

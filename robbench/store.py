@@ -25,6 +25,7 @@ The query helpers at the bottom work on the DataFrames :meth:`Store.outcomes` re
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import sqlite3
@@ -36,10 +37,12 @@ import pandas as pd
 
 from robbench.errors import UserError
 from robbench.outcomes import BATCH_COLUMNS, KEY_COLUMNS, ROLES, BatchKey, OutcomeKey
-from robbench.paths import results_db
+from robbench.paths import ensure_dir, results_db
 from robbench.store_migrate import migrate
 
 SCHEMA_VERSION = 2
+# PRAGMA application_id of a robbench store ("RBst"): a foreign SQLite file is recognised and left alone
+APPLICATION_ID = 0x52427374
 RUN_STATUSES = ("running", "done", "failed", "superseded")
 OUTCOME_COLUMNS = ["run_id", *KEY_COLUMNS, "eps", "sample", "member", "correct", "margin"]
 Row = tuple[OutcomeKey, float, int, int, Any, "float | None"]  # (key, eps, sample, member, correct, margin)
@@ -115,6 +118,88 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="microseconds")
 
 
+def store_error(e: sqlite3.Error, path: str) -> Exception:
+    """What SQLite said as one line for the user, when it is about the file (damaged, read-only, locked,
+    cannot be opened, disk full); other errors (a constraint, a bug) are returned as they are."""
+    name = getattr(e, "sqlite_errorname", "") or ""
+    said = str(e).splitlines()[0] if str(e) else name
+    if name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")):
+        return UserError(f"damaged results store (SQLite: {said}); recover what is left with "
+                         f"`sqlite3 {path} .recover | sqlite3 recovered.db`, or start a new one with --db",
+                         file=path, reason="store-damaged")
+    if name.startswith("SQLITE_READONLY"):
+        return UserError(f"the results store cannot be written (SQLite: {said}); make it and its folder "
+                         "writable, or pass another --db", file=path, reason="store-readonly")
+    if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
+        return UserError(f"locked by another process for over {BUSY_TIMEOUT_S:.0f} s (SQLite: {said})",
+                         file=path, reason="store-locked")
+    if name.startswith("SQLITE_CANTOPEN"):
+        return UserError(f"cannot open the results store (SQLite: {said}); --db must name a file in a "
+                         "writable folder", file=path, reason="store")
+    if name.startswith(("SQLITE_IOERR", "SQLITE_FULL", "SQLITE_PERM", "SQLITE_AUTH", "SQLITE_NOLFS")):
+        return UserError(f"cannot use the results store (SQLite: {said})", file=path, reason="store")
+    return e
+
+
+class _Cursor(sqlite3.Cursor):
+    """A cursor whose file-level SQLite errors are one-line :class:`UserError` s (a damaged page may
+    only be met while stepping through rows, so fetching is covered too)."""
+
+    def _fail(self, e: sqlite3.Error) -> Exception:
+        return store_error(e, getattr(self.connection, "store_file", "?"))
+
+    def execute(self, *args: Any) -> "_Cursor":  # type: ignore[override]
+        try:
+            return super().execute(*args)
+        except sqlite3.Error as e:
+            raise self._fail(e) from None
+
+    def executemany(self, *args: Any) -> "_Cursor":  # type: ignore[override]
+        try:
+            return super().executemany(*args)
+        except sqlite3.Error as e:
+            raise self._fail(e) from None
+
+    def fetchone(self) -> Any:
+        try:
+            return super().fetchone()
+        except sqlite3.Error as e:
+            raise self._fail(e) from None
+
+    def fetchmany(self, *args: Any) -> list[Any]:
+        try:
+            return super().fetchmany(*args)
+        except sqlite3.Error as e:
+            raise self._fail(e) from None
+
+    def fetchall(self) -> list[Any]:
+        try:
+            return super().fetchall()
+        except sqlite3.Error as e:
+            raise self._fail(e) from None
+
+    def __next__(self) -> Any:
+        try:
+            return super().__next__()
+        except sqlite3.Error as e:
+            raise self._fail(e) from None
+
+
+class _Connection(sqlite3.Connection):
+    """Every statement (ours and pandas') runs through :class:`_Cursor`."""
+
+    store_file = "?"
+
+    def cursor(self, factory: Any = _Cursor) -> Any:  # type: ignore[override]
+        return super().cursor(factory)
+
+    def execute(self, sql: str, parameters: Any = ()) -> Any:  # type: ignore[override]
+        return self.cursor().execute(sql, parameters)
+
+    def executemany(self, sql: str, parameters: Any) -> Any:  # type: ignore[override]
+        return self.cursor().executemany(sql, parameters)
+
+
 def canonical_json(obj: Any) -> str:
     """Key-sorted compact JSON: equal overrides give equal strings (part of a run's identity)."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
@@ -126,27 +211,55 @@ class Store:
     def __init__(self, path: str | Path | None = None) -> None:
         self.path = Path(path) if path is not None else results_db()
         memory = str(self.path) == ":memory:"
+        file = str(self.path)
         if not memory:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-        # isolation_level=None: we issue BEGIN IMMEDIATE ourselves, so each batch is exactly one transaction.
-        self.conn = sqlite3.connect(str(self.path), timeout=BUSY_TIMEOUT_S, isolation_level=None)
+            ensure_dir(self.path.parent)
+            if self.path.is_dir():
+                raise UserError("is a folder; --db must name a results store file (e.g. results/robbench.db)",
+                                file=file, reason="store")
+        # files SQLite may create beside the store; removed again if opening fails
+        sidecars = [] if memory else [Path(file + s) for s in ("-wal", "-shm", "-journal")]
+        existed = {p for p in sidecars if p.exists()}
+        try:
+            # isolation_level=None: we issue BEGIN IMMEDIATE ourselves, so each batch is exactly one transaction.
+            self.conn = sqlite3.connect(file, timeout=BUSY_TIMEOUT_S, isolation_level=None, factory=_Connection)
+        except sqlite3.Error as e:
+            err = store_error(e, file)
+            raise (err if isinstance(err, UserError) else UserError(f"cannot open the results store ({e})",
+                                                                      file=file, reason="store")) from None
+        self.conn.store_file = file  # type: ignore[attr-defined]
         try:
             self.conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+            self._recognise()
             if not memory:
                 self.conn.execute("PRAGMA journal_mode = WAL")
             self.conn.execute("PRAGMA synchronous = FULL")
             self.conn.execute("PRAGMA foreign_keys = ON")
             self._init_schema()
-        except sqlite3.OperationalError as e:
+        except (UserError, sqlite3.Error) as e:
             self.conn.close()
-            if getattr(e, "sqlite_errorname", "") in ("SQLITE_BUSY", "SQLITE_LOCKED"):
-                raise UserError(f"locked by another process for over {BUSY_TIMEOUT_S:.0f} s ({e})",
-                                file=str(self.path), reason="store-locked") from None
-            raise UserError(f"cannot open the results store ({e})", file=str(self.path), reason="store") from None
-        except sqlite3.DatabaseError as e:
-            self.conn.close()
-            raise UserError(f"not a robbench results store ({e}); pass another --db", file=str(self.path),
-                            reason="store") from None
+            for p in sidecars:
+                if p not in existed:
+                    with contextlib.suppress(OSError):
+                        p.unlink()
+            if isinstance(e, UserError):
+                raise
+            raise UserError(f"not a usable results store ({e}); pass another --db", file=file, reason="store") from None
+
+    def _recognise(self) -> None:
+        """A file with tables must be a robbench store (its application id, or the ``meta`` table of a
+        store written before the id was set); robbench never adds its tables to someone else's database."""
+        app = int(self.conn.execute("PRAGMA application_id").fetchone()[0])
+        tables = sorted(r[0] for r in self.conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'").fetchall())
+        if app == APPLICATION_ID or not tables:
+            return
+        if app == 0 and "meta" in tables and "runs" in tables:
+            return
+        shown = ", ".join(tables[:5]) + (", ..." if len(tables) > 5 else "")
+        raise UserError(f"an SQLite database that is not a robbench results store (application id {app}, "
+                        f"tables {shown}); it is left as it was; pass another --db", file=str(self.path),
+                        reason="store-foreign")
 
     def _read_version(self) -> str | None:
         has_meta = self.conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'").fetchone()
@@ -169,12 +282,16 @@ class Store:
                 return
             if version is not None:
                 migrate(self.conn, int(version), SCHEMA_VERSION, file=str(self.path), tables=_tables())
+                self.conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+                self.conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
                 return
             # One statement at a time: executescript would commit our transaction first.
             for stmt in _SCHEMA.split(";"):
                 if stmt.strip():
                     self.conn.execute(stmt)
             self.conn.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            self.conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+            self.conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     # -- plumbing ------------------------------------------------------------------------------
     class _Tx:

@@ -123,7 +123,11 @@ def test_round_trip_manifest_and_sha(tmp_path: Path) -> None:
 def test_missing_and_incomplete_runs(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError) as e:
         load_trained("zoo/nothing_here", runs_dir=tmp_path / "runs")
-    assert "robbench train zoo/nothing_here" in one_line(e)
+    # no zoo entry of that name: not told to train it, told where entries are listed
+    assert "robbench train zoo/nothing_here" not in one_line(e) and "robbench zoo list" in str(e.value)
+    with pytest.raises(CheckpointError) as e:
+        load_trained("demo_baseline_x3", runs_dir=tmp_path / "runs")
+    assert "robbench train zoo/demo_baseline_x3" in one_line(e)
     entry = make_entry(tmp_path)
     run = RunDir(tmp_path / "runs", entry.name)
     run.begin(entry)

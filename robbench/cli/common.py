@@ -11,7 +11,30 @@ from robbench.errors import UserError
 
 
 class RobbenchGroup(click.Group):
-    """The top-level command group: the one place where click's own usage errors are shaped."""
+    """The top-level command group: the one place where click's own usage errors are shaped.
+
+    click prints a usage error as four lines (usage, a hint, a blank line, the error); robbench prints
+    every user error as one line and exits with code 2, so these get the same form:
+    ``error: robbench evaluate: No such option: --bogus (see robbench evaluate --help)``."""
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.UsageError as e:
+            where = e.ctx.command_path if e.ctx is not None else (prog_name or "robbench")
+            msg = " ".join(e.format_message().split())
+            click.echo(f"error: {where}: {msg} (see {where} --help)", err=True)
+            sys.exit(2)
+        except click.ClickException as e:  # e.g. a file option that cannot be opened
+            click.echo(f"error: {' '.join(e.format_message().split())}", err=True)
+            sys.exit(e.exit_code)
+        except click.Abort:
+            click.echo("aborted", err=True)
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)
 
 
 def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -22,9 +22,9 @@ def train(entry: str, overrides: tuple[str, ...], epochs: int | None, device: st
     """Train one zoo entry into runs/<entry>/ (resumes an interrupted run)."""
     from robbench.train.run import train_entry
 
-    ov = list(overrides) + ([f"train.epochs={epochs}"] if epochs is not None else [])
-    train_entry(entry, overrides=ov, device=device, runs_dir=runs_dir, data_root=data_root, fresh=fresh,
-                memory_format=memory_format)
+    flags = {f"train.epochs={epochs}": f"--epochs {epochs}"} if epochs is not None else {}
+    train_entry(entry, overrides=list(overrides) + list(flags), device=device, runs_dir=runs_dir,
+                data_root=data_root, fresh=fresh, memory_format=memory_format, labels=flags)
 
 
 @click.command()

@@ -4,16 +4,22 @@ A protocol names the sample selection, the eps list, the attacks with all their 
 against each attack's options dataclass from the ``ATTACKS`` registry), the transfer sources and the
 aggregation rule. ``load_protocol`` merges ``extends`` chains, applies ``--set`` overrides and the
 ``--n/--eps/--batch-size`` shortcuts (all recorded in ``Protocol.overrides``) and validates everything;
-every mistake is a :class:`ConfigError` naming the file and the field.
+every mistake is a :class:`ConfigError` naming the file and the field (or the flag that caused it).
+
+``--set`` reaches an attack's table by its id: ``attacks.<id>.<field>`` sets a field of the table
+(``attacks.pgd-ce.eps=[0.1]``) and any other name is one of the attack's parameters
+(``attacks.aa.n_iter=10`` = ``attacks.aa.params.n_iter=10``). Two overrides of one field with different
+values (``--n 30 --set samples.n=20``) are refused.
 """
 from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from robbench.config import apply_overrides, blame_override, config_hash, load_raw, to_dict
+from robbench.config import apply_overrides, blame_override, check_conflicts, config_hash, load_raw, to_dict
 from robbench.errors import ConfigError
 from robbench.paths import PROTOCOLS_DIR
 from robbench.registry import ATTACKS
@@ -111,6 +117,11 @@ class Protocol:
             on = self.attack_on(a)
             if on == "sources" and not self.sources:
                 raise ConfigError("transfer attacks need source entries", file=file, field="sources")
+            for e in self.attack_eps(a):
+                if e <= 0:
+                    raise ConfigError(f"eps {e!r} cannot change the input; clean accuracy is stored as attack "
+                                      "'clean'; allowed: eps > 0", file=file,
+                                      field=f"attacks[{i}].eps" if a.eps else "eps")
         if self.kind == "transfer" and not self.sources:
             raise ConfigError("a transfer protocol needs source entries", file=file, field="sources")
         if self.samples.selection != "all_correct" and self.kind == "transferability":
@@ -174,37 +185,90 @@ def _attack_params(a: AttackSpec, norm: str, file: str, i: int) -> Any:
     return parse_options(cls, params, file=file, prefix=prefix, what=f"attack {a.attack!r}")
 
 
-def load_protocol(name: str, overrides: list[str] | None = None, *, n: int | None = None,
-                  eps: list[float] | str | None = None, batch_size: int | None = None) -> Protocol:
-    """Load, merge, override and validate a protocol (``NAME``, ``protocols/NAME`` or a path).
+def _check_attack_changes_input(proto: Protocol, file: str) -> None:
+    """An attack that declares 0 iterations returns its starting point: that is not an attack result."""
+    for i, a in enumerate(proto.attacks):
+        caps = ATTACKS.capabilities(a.attack, a.params_parsed)
+        if caps is not None and caps.steps == 0:
+            raise ConfigError("0 steps: the attack returns its starting point (clean input or random noise), "
+                              "which is not an attack result; allowed: steps >= 1", file=file,
+                              field=f"attacks[{i}].params.steps")
 
-    ``n``, ``eps`` and ``batch_size`` are the CLI shortcuts; they become ``samples.n=…``, ``eps=[…]`` and
-    ``batch_size=…`` overrides so they are validated and recorded like any ``--set``.
-    """
-    ov = list(overrides or [])
+
+_ATTACK_TABLE_FIELDS = {f.name for f in dataclasses.fields(AttackSpec) if f.init}
+
+
+def _attack_param_override(text: str) -> str:
+    """``attacks.<id>.<name>=v`` with ``<name>`` not a field of the attack table -> ``attacks.<id>.params.<name>=v``."""
+    key, sep, value = text.partition("=")
+    parts = key.strip().split(".")
+    if sep and len(parts) >= 3 and parts[0] == "attacks" and parts[2] not in _ATTACK_TABLE_FIELDS:
+        return ".".join([*parts[:2], "params", *parts[2:]]) + "=" + value
+    return text
+
+
+def shortcut_overrides(n: int | None = None, eps: list[float] | str | None = None,
+                       batch_size: int | None = None) -> dict[str, str]:
+    """The ``--n/--eps/--batch-size`` flags as overrides -> the flag each came from."""
+    out: dict[str, str] = {}
     if n is not None:
-        ov.append(f"samples.n={int(n)}")
+        out[f"samples.n={int(n)}"] = f"--n {n}"
     if eps is not None:
         if isinstance(eps, str):
             try:
                 vals = [float(v) for v in eps.split(",") if v.strip()]
             except ValueError:
                 raise ConfigError(f"expected comma-separated numbers, got {eps!r}", file="--eps") from None
+            if not vals:
+                raise ConfigError(f"expected comma-separated numbers, got {eps!r}", file="--eps")
         else:
             vals = [float(v) for v in eps]
-        ov.append("eps=[" + ", ".join(repr(v) for v in vals) + "]")
+        text = ",".join(str(v) for v in eps) if not isinstance(eps, str) else eps
+        out["eps=[" + ", ".join(repr(v) for v in vals) + "]"] = f"--eps {text}"
     if batch_size is not None:
-        ov.append(f"batch_size={int(batch_size)}")
+        out[f"batch_size={int(batch_size)}"] = f"--batch-size {batch_size}"
+    return out
+
+
+def load_protocol(name: str, overrides: list[str] | None = None, *, n: int | None = None,
+                  eps: list[float] | str | None = None, batch_size: int | None = None) -> Protocol:
+    """Load, merge, override and validate a protocol (``NAME``, ``protocols/NAME`` or a path).
+
+    ``n``, ``eps`` and ``batch_size`` are the CLI shortcuts; they become ``samples.n=…``, ``eps=[…]`` and
+    ``batch_size=…`` overrides so they are validated and recorded like any ``--set``; an error they
+    cause names the flag, and one that conflicts with a ``--set`` of the same field is refused.
+    """
+    flags = shortcut_overrides(n, eps, batch_size)
+    typed = {_attack_param_override(o): o for o in (overrides or [])}
+    ov = list(typed) + list(flags)
+    flags.update({o: f"--set {t}" for o, t in typed.items() if o != t})  # errors show what was typed
+    check_conflicts(ov, flags)
     raw, path = load_raw(name, PROTOCOLS_DIR, "protocol")
-    raw = apply_overrides(raw, ov)
     file = str(path)
-    raw.setdefault("name", path.stem)
     try:
+        raw = apply_overrides(raw, ov)
+        raw.setdefault("name", path.stem)
         proto = parse_dataclass(Protocol, raw, file=file)
         proto.source_file = file
         proto.overrides = ov
         for i, a in enumerate(proto.attacks):
             a.params_parsed = _attack_params(a, a.norm or proto.norm, file, i)
+        _check_attack_changes_input(proto, file)
     except ConfigError as e:
-        raise blame_override(e, ov) from None
+        by_id = _by_attack_id(e, raw)
+        blamed = blame_override(by_id, ov, flags)
+        raise (blame_override(e, ov, flags) if blamed is by_id else blamed) from None
     return proto
+
+
+def _by_attack_id(err: ConfigError, raw: dict[str, Any]) -> ConfigError:
+    """``attacks[2].params.n_iter`` -> ``attacks.aa.params.n_iter`` (the form ``--set`` uses), so an
+    error an ``--set attacks.aa...`` override caused is blamed on it."""
+    m = re.match(r"attacks\[(\d+)\](.*)", err.field or "")
+    attacks = raw.get("attacks") if isinstance(raw, dict) else None
+    if not m or not isinstance(attacks, list) or int(m.group(1)) >= len(attacks):
+        return err
+    a = attacks[int(m.group(1))]
+    if not isinstance(a, dict) or not isinstance(a.get("id"), str):
+        return err
+    return ConfigError(err.detail, file=err.file, field=f"attacks.{a['id']}{m.group(2)}", reason=err.reason)

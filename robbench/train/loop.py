@@ -218,20 +218,15 @@ def _gather_rng(env: DistEnv) -> list[dict[str, Any]]:
 def load_resume_state(run: RunDir, entry: ZooEntry) -> dict[str, Any] | None:
     """The resume state if the run has one for this exact config.
 
-    A kill between writing ``train_state.pt`` and the manifest that records its sha256 leaves a newer
-    (complete, atomically renamed) state than the manifest knows; it is used when it names this
-    entry's config hash (it is read with ``weights_only=True`` either way, so nothing in it can run)."""
-    try:
-        state = run.load_train_state()
-    except CheckpointError as e:
-        if e.reason != "checkpoint-hash" or not run.train_state_path.is_file():
-            raise
-        state = torch.load(run.train_state_path, map_location="cpu", weights_only=True)
+    Its sha256 must be the one the manifest records (or announced just before writing it: a kill
+    between the file and the manifest): any other bytes are refused, never trained on. It is read
+    with ``weights_only=True``, so nothing in it can run."""
+    state = run.load_train_state()
     if state is None:
         return None
-    if state.get("format") != STATE_FORMAT or state.get("entry_sha256") != entry.sha256():
-        raise CheckpointError("resume state belongs to another configuration; move the run directory away "
-                              "to start over", file=str(run.train_state_path))
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT or state.get("entry_sha256") != entry.sha256():
+        raise CheckpointError(f"resume state belongs to another configuration; {run.fresh_hint()}",
+                              file=str(run.train_state_path))
     return state
 
 

@@ -26,7 +26,7 @@ from robbench.config import ZooEntry, load_entry
 from robbench.device import pick_device
 from robbench.distributed import join_process_group
 from robbench.errors import CheckpointError, ConfigError, UserError
-from robbench.paths import data_root as default_data_root
+from robbench.paths import check_writable_dir, data_root as default_data_root
 from robbench.registry import METHODS
 from robbench.train.loop import DistEnv, dist_env_from_environment, train_loop
 
@@ -99,18 +99,19 @@ def stale_reason(run: RunDir, entry: ZooEntry, runs_dir: Path | str | None) -> s
 
 def train_entry(spec: str, overrides: list[str] | None = None, device: str | None = None,
                 runs_dir: str | Path | None = None, data_root: str | Path | None = None,
-                progress: bool = True, fresh: bool = False, memory_format: str = "auto") -> dict[str, Any]:
+                progress: bool = True, fresh: bool = False, memory_format: str = "auto",
+                labels: dict[str, str] | None = None) -> dict[str, Any]:
     """Train (or resume, or confirm) one zoo entry; returns the run's manifest (rank 0's view).
 
     A run on disk that is stale (:func:`stale_reason`) is an error, or with ``fresh`` is moved aside to
     ``runs/<entry>.stale-<time>`` (kept, never deleted) and trained anew. ``memory_format`` ("auto",
     "channels_last", "contiguous") is chosen by :func:`robbench.memformat.choose_memory_format` and
-    recorded in the manifest."""
+    recorded in the manifest. ``labels``: overrides that came from a flag (``--epochs``), named by errors."""
     from robbench.memformat import choose_memory_format
     from robbench.data import get_info
     from robbench.models import build_model
 
-    entry = load_entry(spec, overrides)
+    entry = load_entry(spec, overrides, labels)
     method_cls = METHODS.get(entry.train.method, file=entry.source, field="train.method")
     if getattr(method_cls, "needs_init_from", False) and not entry.train.init_from:
         raise ConfigError(f"method {entry.train.method!r} starts from a trained model; set train.init_from",
@@ -120,7 +121,11 @@ def train_entry(spec: str, overrides: list[str] | None = None, device: str | Non
     env, dev = init_distributed(device)
     try:
         run = RunDir(runs_dir, entry.name)
-        reason = stale_reason(run, entry, runs_dir) if run.exists() else None
+        # a damaged run (tampered or corrupt files, files without a manifest) is never trained on
+        damage = run.damage()
+        if damage is not None and not fresh:
+            raise damage
+        reason = damage.detail if damage is not None else (stale_reason(run, entry, runs_dir) if run.exists() else None)
         if reason and not fresh:
             raise CheckpointError(f"{reason}; rerun with --fresh to move it aside and train anew",
                                   file=str(run.manifest_path))
@@ -136,6 +141,9 @@ def train_entry(spec: str, overrides: list[str] | None = None, device: str | Non
                     print(f"{entry.name}: already trained ({m.get('epochs_done')} epochs) in {run.path}; "
                           "nothing to do", file=sys.stderr)
                 return m
+        # an unwritable runs folder or run folder is one line before any work
+        if env.is_main:
+            check_writable_dir(run.path if run.path.is_dir() else run.root, "runs folder")
         # missing data is a one-line error before anything is written under runs/ (load_split caches,
         # so the loop reuses these)
         from robbench.data import load_split
