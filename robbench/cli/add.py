@@ -6,7 +6,7 @@ import click
 from robbench.cli.common import user_errors
 
 
-@click.command()
+@click.command(short_help="Import your own model (factory in your code + weights) as a run.")
 @click.argument("entry")
 @click.option("--name", default=None, help="run name (default: the file's 'name', else its file name)")
 @click.option("--runs-dir", type=click.Path(), default=None, help="where runs live (default $ROBBENCH_RUNS or ./runs)")

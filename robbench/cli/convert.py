@@ -8,7 +8,7 @@ from robbench.cli.common import user_errors
 KINDS = ("eio-rgn", "dverge-ensemble", "dverge-transfer")
 
 
-@click.command()
+@click.command(short_help="Convert a paper's released checkpoint or transfer sets into runs.")
 @click.argument("kind", type=click.Choice(KINDS))
 @click.argument("path", type=click.Path())
 @click.option("--name", required=True, help="name of the run (or, for dverge-transfer, prefix of the sources) to write")

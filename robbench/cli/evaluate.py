@@ -6,24 +6,25 @@ import click
 from robbench.cli.common import memory_format_option, user_errors
 
 
-@click.command()
+@click.command(short_help="Run an attack suite (protocol) on trained or imported runs.")
 @click.option("--protocol", "protocol", required=True, help="protocol name (protocols/*.toml)")
 @click.argument("entries", nargs=-1)
 @click.option("--n", type=int, default=None, help="number of samples (override)")
 @click.option("--eps", type=str, default=None, help="comma-separated eps list (override)")
-@click.option("--batch-size", type=int, default=None)
+@click.option("--batch-size", type=int, default=None, help="samples per batch (override the protocol's batch_size)")
 @click.option("--set", "overrides", multiple=True, help="override a protocol field: key=value")
 @click.option("--force", is_flag=True, help="redo a finished protocol run")
-@click.option("--device", default=None)
-@click.option("--runs-dir", type=click.Path(), default=None)
+@click.option("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA when present)")
+@click.option("--runs-dir", type=click.Path(), default=None, help="runs folder (default $ROBBENCH_RUNS or ./runs)")
 @click.option("--db", type=click.Path(), default=None, help="results store (default results/robbench.db)")
-@click.option("--data-root", type=click.Path(), default=None)
+@click.option("--data-root", type=click.Path(), default=None, help="datasets folder (default $ROBBENCH_DATA or ./data)")
 @memory_format_option
 @user_errors
 def evaluate(protocol: str, entries: tuple[str, ...], n: int | None, eps: str | None, batch_size: int | None,
              overrides: tuple[str, ...], force: bool, device: str | None, runs_dir: str | None, db: str | None,
              data_root: str | None, memory_format: str) -> None:
-    """Run an attack suite on trained entries (all trained entries it applies to when none named)."""
+    """Run an attack suite on trained or imported runs (every run it applies to when none named; runs that
+    cannot be loaded are named with the reason)."""
     import os
 
     from robbench.evaluate.engine import evaluate_protocol
