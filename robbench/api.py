@@ -60,7 +60,8 @@ def _ensure_run(model: nn.Module | str | Path, name: str | None, dataset: str | 
                 force: bool) -> str:
     """The run name to evaluate: an existing run, a zoo-style file added, or a module imported."""
     from robbench.checkpoint import RunDir, entry_name
-    from robbench.imported.add import add_entry, add_module
+    from robbench.imported.add import add_entry, add_module, module_weights_sha256
+    from robbench.models.user_code import register_live
 
     if isinstance(model, nn.Module):
         if not name:
@@ -68,9 +69,15 @@ def _ensure_run(model: nn.Module | str | Path, name: str | None, dataset: str | 
         run = RunDir(runs_dir, name)
         if run.exists() and not force:
             m = run.read_manifest()
-            if m.get("origin") != "imported" or (m.get("imported") or {}).get("kind") != "python object":
+            imp = m.get("imported") or {}
+            if m.get("origin") != "imported" or imp.get("kind") != "python object":
                 raise UserError(f"a run named {name!r} exists already and was not made by robbench.evaluate; "
                                 "pick another name or pass force=True (the old run is moved aside)", file=str(run.path))
+            same_factory = imp.get("factory") == (factory or f"memory:{name}")
+            if same_factory and imp.get("weights_sha256") == module_weights_sha256(model):
+                if factory is None:
+                    register_live(name, model)  # this process holds the module again
+                return name  # the same weights: the run (and its finished evaluations) is reused
         add_module(model, name, dataset or _protocol_dataset(protocol), runs_dir=runs_dir, factory=factory,
                    options=options, force=run.exists())
         return name

@@ -50,6 +50,8 @@ def test_api_route(tmp_path: Path) -> None:
     assert list(board["entry"]) == ["my_net"] and int(board["rank"].iloc[0]) == 1
     assert board["robust"].iloc[0] == pytest.approx(100 * aa[(aa["attack"] == "all") & (aa["eps"] > 0)]["accuracy"].iloc[0])
 
+    # the second call reused the imported run (same weights): no copy moved aside
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["my_net"]
     # the run is an imported one; the module comes back from the store with the same outputs
     loaded = robbench.load_model("my_net", runs_dir=where["runs_dir"])
     x = torch.rand(5, 1, 8, 8)
@@ -80,12 +82,20 @@ def test_api_factory_route_is_rebuildable_and_memory_route_is_not(tmp_path: Path
     where = dict(runs_dir=tmp_path / "runs", db=tmp_path / "r.db", quiet=True, memory_format="contiguous")
     robbench.evaluate(net, "demo-whitebox", n=10, name="tiny_file", factory=f"file:{src}:Tiny", **where)
     robbench.evaluate(net, "demo-whitebox", n=10, name="tiny_mem", **where)
+    # changed weights under the same name replace the run (the old one is kept aside)
+    import copy
+
+    original = copy.deepcopy(net)
+    with torch.no_grad():
+        net.fc.bias.add_(1.0)
+    robbench.evaluate(net, "demo-whitebox", n=10, name="tiny_mem", **where)
+    assert len([p for p in (tmp_path / "runs").iterdir() if p.name.startswith("tiny_mem.stale-")]) == 1
     user_code._LIVE.clear()  # as in a fresh process
     from robbench.registry import ARCHITECTURES
 
     ARCHITECTURES.forget("memory:tiny_mem")
     x = torch.rand(3, 1, 8, 8)
-    assert torch.allclose(robbench.load_model("tiny_file", runs_dir=where["runs_dir"])(x), net(x), atol=1e-6)
+    assert torch.allclose(robbench.load_model("tiny_file", runs_dir=where["runs_dir"])(x), original(x), atol=1e-6)
     with pytest.raises(ConfigError) as e:
         robbench.load_model("tiny_mem", runs_dir=where["runs_dir"])
     assert "robbench.evaluate" in str(e.value)

@@ -185,6 +185,17 @@ def add_entry(spec: str, *, runs_dir: str | Path | None = None, name: str | None
     return import_weights(raw, entry, tensors, file=file, imported=imported, runs_dir=runs_dir, force=force)
 
 
+def module_weights_sha256(model: nn.Module) -> str:
+    """sha256 over a module's state (names, dtypes, shapes and bytes, in key order): the identity of the
+    weights handed to :func:`robbench.evaluate` (which has no file to hash)."""
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        t = v.detach().cpu().contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 def add_module(model: nn.Module, name: str, dataset: str, *, runs_dir: str | Path | None = None,
                factory: str | None = None, options: Mapping[str, Any] | None = None, members: int = 1,
                force: bool = False) -> AddResult:
@@ -215,6 +226,5 @@ def add_module(model: nn.Module, name: str, dataset: str, *, runs_dir: str | Pat
         pass
     imported = {"kind": "python object", "class": f"{type(model).__module__}.{type(model).__qualname__}",
                 "class_source_file": cls_file, "class_source_sha256": cls_sha, "weights_file": None,
-                "weights_sha256": hashlib.sha256(b"".join(
-                    k.encode() + v.contiguous().numpy().tobytes() for k, v in sorted(state.items()))).hexdigest()}
+                "weights_sha256": module_weights_sha256(model)}
     return import_weights(raw, entry, state, file=file, imported=imported, runs_dir=runs_dir, force=force)
