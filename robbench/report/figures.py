@@ -101,15 +101,19 @@ def heatmap(matrix: "pandas.DataFrame", title: str, stem: Path) -> list[Path]:  
 
 
 def line_panels(panels: Sequence[tuple[str, Sequence[Series]]], xlabel: str, ylabel: str, stem: Path,
-                xlog: bool = False, ylim: tuple[float, float] | None = (0, 100)) -> list[Path]:
-    """One subplot per panel, one colour per series name across panels; reproduced series solid with
-    markers and their 95% band, published series dashed in the same colour."""
+                xlog: bool = False, ylim: tuple[float, float] | None = (0, 100),
+                ncols: int | None = None) -> list[Path]:
+    """One subplot per panel (``ncols`` per row; default: all in one row), one colour per series name
+    across panels; reproduced series solid with markers and their 95% band, published series dashed in
+    the same colour."""
     k = max(1, len(panels))
+    cols = min(k, ncols or k)
+    rows = -(-k // cols)
     names = list(dict.fromkeys(s.name for _, ss in panels for s in ss))
     cmap = dict(zip(names, colours(len(names))))
     with _style():
-        fig = new_figure(2.9 * k + 1.6, 2.7)
-        axes = [fig.add_subplot(1, k, i + 1) for i in range(k)]
+        fig = new_figure(2.9 * cols + 1.6, 2.7 * rows)
+        axes = [fig.add_subplot(rows, cols, i + 1) for i in range(k)]
         for i, (ax, (title, series)) in enumerate(zip(axes, panels)):
             xticks: set[float] = set()
             for s in series:
@@ -130,7 +134,7 @@ def line_panels(panels: Sequence[tuple[str, Sequence[Series]]], xlabel: str, yla
                 ax.set_ylim(*ylim)
             ax.set_title(title, fontsize=8)
             ax.set_xlabel(xlabel, fontsize=7)
-            if i == 0:
+            if i % cols == 0:
                 ax.set_ylabel(ylabel, fontsize=7)
             ax.tick_params(labelsize=6)
         if names:

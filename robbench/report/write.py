@@ -233,6 +233,7 @@ class PaperReport:
                 sizes.setdefault(n, []).extend(own)
         order = sorted(sizes, key=lambda n: (n == "all", int(n) if n.isdigit() else 0))
         panels = [(self._panel_title(view, n), sizes[n]) for n in order if sizes[n]]
+        ncols = max(1, len(panels))  # published panels of another setting go on a second row
         ref_p, ref_t = view.ref_paper_table
         setting = self._published_dataset(view)
         panels += [(f"published, {ref_p} Table {ref_t}" + (f" ({setting})" if setting else "")
@@ -241,11 +242,11 @@ class PaperReport:
             self.md += ["_Accuracy-vs-eps curves appear once entries of this table are evaluated._", ""]
             return
         paths = figures.line_panels(panels, figures.EPS_LABEL, figures.ACCURACY_LABEL,
-                                    self.folder / f"curves_{slug(view.table)}")
+                                    self.folder / f"curves_{slug(view.table)}", ncols=ncols if shape and ncols > 1 else None)
         self.figure(paths, f"accuracy vs eps, {view.title}")
         words = ["Accuracy (%) against ε; the point at ε = 0 is clean accuracy; bands: 95% intervals from the "
                  "stored per-sample outcomes (Wilson; bootstrap over runs and samples for rows with several runs)."]
-        if any(s.published for _, ss in panels[:len(order)] for s in ss):
+        if any(s.published for n in order for s in sizes[n]):
             words.append("Dashed: published, in the colour of the reproduced method.")
         if shape:
             words.append("The published curves of another setting are drawn in their own panels (their ε axis), "
