@@ -33,10 +33,29 @@ def sets(overrides: list[str]) -> list[str]:
     return [a for s in overrides for a in ("--set", s)]
 
 
-def cli(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "robbench", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+def cli(*args: str, cwd: Path, proc: bool = False, timeout: int = 300) -> subprocess.CompletedProcess[str]:
+    """``robbench ARGS`` in ``cwd``: in a subprocess (``proc``), or in this process through the same
+    ``main()`` (click's runner; an exception other than the exit is reported as a traceback)."""
+    if proc:
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        return subprocess.run([sys.executable, "-m", "robbench", *args], cwd=cwd, env=env, capture_output=True,
+                              text=True, timeout=timeout)
+    import traceback
+
+    from click.testing import CliRunner
+
+    from robbench.cli import main
+
+    here = os.getcwd()
+    os.chdir(cwd)
+    try:
+        res = CliRunner().invoke(main, list(args))
+    finally:
+        os.chdir(here)
+    err = res.stderr
+    if res.exception is not None and not isinstance(res.exception, SystemExit):
+        err += "\nTraceback (in-process):\n" + "".join(traceback.format_exception(res.exception))
+    return subprocess.CompletedProcess(list(args), res.exit_code, res.stdout, err)
 
 
 def assert_one_line_error(r: subprocess.CompletedProcess[str], *needles: str) -> str:
@@ -148,7 +167,8 @@ def test_edited_resume_state_is_refused_naming_the_file_and_fresh(partial: Path,
     run = partial / NAME
     _edit_a_tensor(run / "train_state.pt")
     before = tree(run)
-    r = cli("train", f"zoo/{NAME}", "--device", "cpu", "--runs-dir", str(partial), *sets(SYNTH), cwd=tmp_path)
+    r = cli("train", f"zoo/{NAME}", "--device", "cpu", "--runs-dir", str(partial), *sets(SYNTH), cwd=tmp_path,
+            proc=True)
     assert_one_line_error(r, "train_state.pt", "sha256", "--fresh")
     assert tree(run) == before and not (run / "model.safetensors").exists()
 
@@ -179,7 +199,8 @@ def test_damaged_resume_state_is_one_line(partial: Path, tmp_path: Path, damage:
                 return (os.system, (f"touch {tmp_path / 'pwned'}",))
 
         f.write_bytes(pickle.dumps({"format": "robbench-train-state/1", "x": Boom()}, protocol=2))
-    r = cli("train", f"zoo/{NAME}", "--device", "cpu", "--runs-dir", str(partial), *sets(SYNTH), cwd=tmp_path)
+    r = cli("train", f"zoo/{NAME}", "--device", "cpu", "--runs-dir", str(partial), *sets(SYNTH), cwd=tmp_path,
+            proc=damage == "malicious")
     assert_one_line_error(r, "train_state.pt")
     assert not (tmp_path / "pwned").exists()
 
@@ -243,10 +264,11 @@ print(run.save_weights(model))
 
 
 def test_run_weights_hash_is_a_function_of_the_weights(tmp_path: Path) -> None:
-    procs = [subprocess.run([sys.executable, "-c", _RUN_SAVE, str(tmp_path / f"r{i}")], cwd=tmp_path,
-                            capture_output=True, text=True, timeout=120) for i in range(3)]
-    assert all(p.returncode == 0 for p in procs), [p.stderr[-500:] for p in procs]
-    assert len({p.stdout.strip() for p in procs}) == 1
+    procs = [subprocess.Popen([sys.executable, "-c", _RUN_SAVE, str(tmp_path / f"r{i}")], cwd=tmp_path,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(3)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-500:] for _, err in outs]
+    assert len({out.strip() for out, _ in outs}) == 1
 
 
 # ------------------------------------------------------------------- 4: weights without a manifest
@@ -307,7 +329,7 @@ def _damaged_copy(db: Path, dst: Path) -> Path:
 def test_damaged_store_in_report_is_one_line_with_the_remedy(evaluated: Path, trained: Path, tmp_path: Path) -> None:
     bad = _damaged_copy(evaluated, tmp_path / "bad.db")
     r = cli("report", "--paper", "demo-whitebox", "--db", str(bad), "--runs-dir", str(trained), "--out",
-            str(tmp_path / "rep"), "--no-screenshot", cwd=tmp_path)
+            str(tmp_path / "rep"), "--no-screenshot", cwd=tmp_path, proc=True)
     assert_one_line_error(r, "bad.db", "malformed", ".recover", "--db")
 
 
@@ -416,7 +438,7 @@ def test_bad_device_is_one_line(runs: Path, tmp_path: Path, device: str, command
     else:
         args = ["evaluate", "--protocol", "demo-whitebox", NAME, "--runs-dir", str(runs), "--db",
                 str(tmp_path / "r.db")]
-    r = cli(*args, "--device", device, cwd=tmp_path)
+    r = cli(*args, "--device", device, cwd=tmp_path, proc=device == "banana" and command == "evaluate")
     assert_one_line_error(r, "--device", device)
     assert not (tmp_path / "new_runs").exists() and not (tmp_path / "r.db").exists()
 
@@ -431,7 +453,7 @@ def test_non_utf8_zoo_file_is_one_line(tmp_path: Path) -> None:
 @pytest.mark.parametrize("args", [["evaluate", "--bogus"], ["train"], ["evaluate", "--protocol", "x", "--n", "abc"],
                                   ["nosuchcommand"], ["zoo", "list", "extra"]])
 def test_click_usage_errors_are_one_line(tmp_path: Path, args: list[str]) -> None:
-    r = cli(*args, cwd=tmp_path)
+    r = cli(*args, cwd=tmp_path, proc=args == ["evaluate", "--bogus"])
     assert_one_line_error(r, "--help")
 
 
@@ -496,3 +518,66 @@ def test_conflicting_epochs_flag_and_set_are_refused(tmp_path: Path) -> None:
             cwd=tmp_path)
     assert_one_line_error(r, "--epochs 3", "--set train.epochs=5")
     assert not (tmp_path / "runs").exists()
+
+
+# ------------------------------------------------------------------- 10: bounded commit units
+def test_unit_samples_bound_the_costliest_unit() -> None:
+    from robbench.evaluate.plan import UNIT_SECONDS, plan_attacks, unit_passes, unit_samples
+    from robbench.evaluate.protocol import load_protocol
+
+    attacks = plan_attacks(load_protocol("dverge-whitebox"))  # PGD-50 x 5 restarts over 7 eps
+    passes = max(unit_passes(a, 3) for a in attacks)
+    assert passes == 51 * 5 * 7
+    spp = 1 / 347  # one CIFAR ResNet-20 on this 2-core CPU: 347 input-gradient passes per second
+    u = unit_samples(attacks, 200, 3, spp)
+    assert 1 <= u < 200 and u * spp * passes <= UNIT_SECONDS < (u + 1) * spp * passes
+    assert unit_samples(attacks, 200, 3, 1e-7) == 200  # a fast device keeps the protocol's batches
+    assert unit_samples(attacks, 200, 3, None) == 200  # not measured: as before
+    assert unit_samples(attacks, 200, 3, 10.0) == 1
+
+
+def test_sub_batched_units_give_the_same_outcomes(trained: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A unit of 7 samples gives exactly the outcomes of one 40-sample batch (random starts continue
+    over the sample order, so where a batch starts does not matter), and each unit has its own key."""
+    from robbench.data import load_split
+    from robbench.evaluate import execute
+    from robbench.evaluate.execute import Batch, BatchState, Executor, Work
+
+    skips: list[int] = []
+    real = execute.continued_generators
+
+    def recording(attack, skip_elements, device):  # type: ignore[no-untyped-def]
+        skips.append(skip_elements)
+        return real(attack, skip_elements, device)
+
+    monkeypatch.setattr(execute, "continued_generators", recording)
+    from robbench.evaluate.plan import plan_attacks, plan_target
+    from robbench.evaluate.protocol import load_protocol
+    from robbench.evaluate.targets import load_target, select_samples
+
+    dev = torch.device("cpu")
+    t = load_target(NAME, trained, dev, None, "contiguous")
+    proto = load_protocol("demo-whitebox", n=40)
+    data = load_split(t.dataset, proto.samples.split, None, t.data_options)
+    ids = select_samples(proto, data, t.dataset, t, dev)
+
+    def outcomes(unit: int | None) -> tuple[list[tuple], int]:
+        plan = plan_target(plan_attacks(proto), ids, proto.batch_size, len(t.members), [], unit=unit)
+        ex = Executor(proto, t, Work(), True, unit=plan.unit)
+        rows: list = []
+        for b, batch_ids in enumerate(plan.batches):
+            x, y = data.get(list(batch_ids))
+            batch = Batch(b, list(batch_ids), t.fmt.prepare(x.to(dev)), y.to(dev))
+            state = BatchState(len(batch_ids), dev)
+            for u in plan.per_batch[b]:
+                rows += ex.clean(u, batch) if u.kind == "clean" else ex.target(u, batch, state)
+        return sorted((k.attack, k.steps, e, s, m, c) for k, e, s, m, c, _ in rows), len(plan.keys())
+
+    whole, whole_keys = outcomes(None)
+    assert set(skips) == {0}
+    skips.clear()
+    small, small_keys = outcomes(7)
+    # each unit's random starts continue the restart streams past the samples before it (8x8 digits)
+    assert set(skips) == {b * 7 * 64 for b in range(6)}
+    assert whole == small and len(whole) == 40 * (1 + 4)
+    assert (whole_keys, small_keys) == (2, 2 * 6)  # clean + pgd per batch: 1 batch vs ceil(40/7) = 6

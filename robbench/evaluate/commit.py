@@ -67,15 +67,24 @@ class RunRecord:
         self.store, self.dist = store, dist_env
         self.run_id: int = -1
         self.status: str = ""
+        self.meta: dict[str, Any] = {}
 
     def start(self, identity: dict[str, Any], meta: dict[str, Any], force: bool) -> None:
-        run_id = status = None
+        """Start or resume the run; ``self.meta`` is the meta it was started with (a resumed run keeps
+        its own, e.g. its ``unit_samples``, so the plan's keys are those already committed)."""
+        run_id = status = stored = None
         if self.dist.is_main:
             assert self.store is not None
             run_id = self.store.start_run(**identity, meta=meta, force=force)
-            status = self.store.run(run_id)["status"]
-        self.run_id, self.status = self.dist.broadcast((run_id, status))
+            row = self.store.run(run_id)
+            status, stored = row["status"], row["meta"]
+        self.run_id, self.status, self.meta = self.dist.broadcast((run_id, status, stored))
         self.run_id = int(self.run_id)
+        self.meta = dict(self.meta or {})
+
+    def unit_samples(self, default: int) -> int:
+        """The samples per unit this run was started with (``default`` for runs from before units)."""
+        return int(self.meta.get("unit_samples") or default)
 
     def committed(self) -> tuple[set[BatchKey], Any]:
         """(done batch keys, their outcome rows or None) on every rank."""

@@ -18,6 +18,7 @@ not attacked again at that eps and is recorded as fooled for the later ones (:cl
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -217,10 +218,13 @@ class BatchState:
 
 
 class Executor:
-    """Runs the units of one target; ``early_stop``: carry fooled samples from attack to attack."""
+    """Runs the units of one target; ``early_stop``: carry fooled samples from attack to attack.
+    ``unit``: samples per sample batch of the plan (``TargetPlan.unit``; default the protocol's
+    ``batch_size``): batch b starts at sample position ``b * unit``."""
 
-    def __init__(self, proto: Protocol, target: Target, work: Work, early_stop: bool) -> None:
+    def __init__(self, proto: Protocol, target: Target, work: Work, early_stop: bool, unit: int | None = None) -> None:
         self.proto, self.t, self.work, self.early_stop = proto, target, work, early_stop
+        self.unit = unit or proto.batch_size
         self.num_classes = get_info(target.dataset, target.data_options).num_classes
         self.has_member_attacks = any(proto.attack_on(a) == "members" for a in proto.attacks)
 
@@ -274,7 +278,7 @@ class Executor:
             rng = None
             if whole and not self.t.randomized and a.caps.stream_init and a.caps.seed is not None:
                 # a whole batch at one eps: continue each restart's stream past the earlier batches
-                rng = continued_generators(a, unit.batch * self.proto.batch_size * b.x[0].numel(), dev)
+                rng = continued_generators(a, unit.batch * self.unit * b.x[0].numel(), dev)
             call = AttackCall(targets=None if targets is None else targets[ii], rng=rng)
             o = run_attack(a, self.t.model, b.x[ii], b.y[ii], eps_t, randomized=self.t.randomized,
                            eot_samples=self.proto.eot_samples, seed_parts=(self.proto.seed, a.id, unit.batch, c),
@@ -336,7 +340,7 @@ class Executor:
         assert a is not None
         key = OutcomeKey(a.id, unit.source)
         rows: list[Row] = []
-        start = unit.batch * self.proto.batch_size
+        start = unit.batch * self.unit
         for e in a.eps:
             ts = sets.get(unit.source, a.id, e)
             sl = slice(start, start + len(b.ids))
@@ -354,6 +358,25 @@ class Executor:
         self.work.grad_passes += o.grad_passes
         self.work.eval_passes += o.eval_passes
         self.work.warnings += o.warnings
+
+
+def seconds_per_sample_pass(model: nn.Module, x: torch.Tensor, y: torch.Tensor, repeats: int = 2) -> float:
+    """Measured seconds of one forward-backward pass (the input gradient of the cross-entropy) per
+    sample of ``x`` through ``model``, the unit of :func:`robbench.evaluate.plan.unit_samples` (the
+    fastest of ``repeats`` after one warm-up)."""
+    best = math.inf
+    for i in range(repeats + 1):
+        xx = x.detach().clone().requires_grad_(True)
+        if x.is_cuda:
+            torch.cuda.synchronize(x.device)
+        t0 = time.perf_counter()
+        loss = torch.nn.functional.cross_entropy(model(xx), y)
+        torch.autograd.grad(loss, xx)
+        if x.is_cuda:
+            torch.cuda.synchronize(x.device)
+        if i:
+            best = min(best, time.perf_counter() - t0)
+    return best / max(1, len(x))
 
 
 class TransferSets:

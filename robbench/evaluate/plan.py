@@ -8,9 +8,17 @@ executor (:mod:`robbench.evaluate.execute`) runs a unit and returns its rows; th
 
 What an attack supports comes from its declared :class:`~robbench.attacks.capabilities.Capabilities`;
 the plan reads nothing of its options.
+
+Bounded units. A kill loses the unit in flight, so a unit must be short: :func:`unit_samples` sizes the
+sample batches of a plan (at most the protocol's ``batch_size``) so the costliest unit takes about
+:data:`UNIT_SECONDS` on the device, from the declared work per sample (steps, restarts, eps, members)
+and one measured forward-backward pass. Outcomes do not depend on the batching (sample draws, random
+starts and targets follow the sample order, not the batch), so this only changes how much a kill loses.
+A run keeps the unit size it started with (recorded in its meta), so a resume sees the same keys.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Literal, Sequence
 
@@ -20,6 +28,7 @@ from robbench.outcomes import CLEAN_ATTACK, FINAL, NO_MEMBER, NO_SOURCE, BatchKe
 from robbench.registry import ATTACKS
 
 Where = Literal["target", "sources", "members"]
+UNIT_SECONDS = 30.0  # the most work a kill may lose (issue: "a unit takes <= 30 s on the current device")
 
 
 @dataclass(frozen=True)
@@ -98,6 +107,7 @@ class TargetPlan:
     batches: tuple[tuple[int, ...], ...]
     per_batch: tuple[tuple[Unit, ...], ...]
     transfer: tuple[TransferGroup, ...]
+    unit: int = 0  # samples per batch (the last one may hold fewer)
 
     def keys(self) -> set[BatchKey]:
         units = [u for b in self.per_batch for u in b] + [u for g in self.transfer for u in g.units]
@@ -111,10 +121,33 @@ def sample_batches(ids: Sequence[int], size: int) -> tuple[tuple[int, ...], ...]
     return tuple(tuple(ids[i:i + size]) for i in range(0, len(ids), size))
 
 
+def unit_passes(attack: PlannedAttack, members: int, eot_samples: int = 1) -> float:
+    """Forward-backward passes per sample of one unit of ``attack`` through one model (the target as a
+    whole, or one member for attacks crafted on members): (steps + 1) x restarts x eps x EOT draws;
+    member units add a test pass through every member."""
+    caps = attack.caps
+    per_eps = ((caps.steps if caps.steps is not None else 1) + 1) * max(1, caps.restarts)
+    passes = per_eps * max(1, len(attack.eps)) * max(1, eot_samples) * max(1, attack.spec.restarts_as_runs or 1)
+    return float(passes + (members if attack.on == "members" else 0))
+
+
+def unit_samples(attacks: Sequence[PlannedAttack], batch_size: int, members: int, seconds_per_pass: float | None,
+                 eot_samples: int = 1, budget: float = UNIT_SECONDS) -> int:
+    """Samples per unit so the costliest unit of ``attacks`` takes about ``budget`` seconds, given the
+    measured ``seconds_per_pass`` (one forward-backward pass of one sample through the target); at most
+    ``batch_size`` (the protocol's), at least 1. None (not measured): ``batch_size``."""
+    if seconds_per_pass is None or seconds_per_pass <= 0:
+        return batch_size
+    costliest = max((unit_passes(a, members, eot_samples) for a in attacks if a.on != "sources"), default=1.0)
+    return max(1, min(batch_size, math.floor(budget / (seconds_per_pass * costliest))))
+
+
 def plan_target(attacks: Sequence[PlannedAttack], ids: Sequence[int], batch_size: int, members: int,
-                sources: Sequence[str]) -> TargetPlan:
-    """The units of one target evaluated on samples ``ids`` (``members``: its ensemble size)."""
-    batches = sample_batches(ids, batch_size)
+                sources: Sequence[str], unit: int | None = None) -> TargetPlan:
+    """The units of one target evaluated on samples ``ids`` (``members``: its ensemble size), in sample
+    batches of ``unit`` samples (default ``batch_size``; see :func:`unit_samples`)."""
+    size = min(batch_size, unit) if unit else batch_size
+    batches = sample_batches(ids, size)
     per_batch = []
     for b in range(len(batches)):
         units = [Unit("clean", b)]
@@ -126,7 +159,7 @@ def plan_target(attacks: Sequence[PlannedAttack], ids: Sequence[int], batch_size
         per_batch.append(tuple(units))
     groups = tuple(TransferGroup(a, s, tuple(Unit("transfer", b, a, source=s) for b in range(len(batches))))
                    for a in attacks if a.on == "sources" for s in sources)
-    return TargetPlan(batches, tuple(per_batch), groups)
+    return TargetPlan(batches, tuple(per_batch), groups, size)
 
 
 def and_groups(attacks: Sequence[PlannedAttack], sources: Sequence[str] = ()) -> dict[OutcomeKey, str]:
