@@ -2,6 +2,6 @@
 training views, sanity flags and the leaderboard (``robbench report``)."""
 from __future__ import annotations
 
-from robbench.report.write import write_report
+from robbench.report.write import ReportOutput, build_report, write_report
 
-__all__ = ["write_report"]
+__all__ = ["ReportOutput", "build_report", "write_report"]
