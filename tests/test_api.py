@@ -61,6 +61,14 @@ def test_api_route(tmp_path: Path) -> None:
     with Store(where["db"]) as st:
         assert {r["origin"] for r in st.runs()["meta"]} == {"imported"}
 
+    # the engine names runs; a module object handed to it says where to take it
+    from robbench.errors import UserError
+    from robbench.evaluate.engine import evaluate_protocol
+
+    with pytest.raises(UserError) as e:
+        evaluate_protocol("demo-whitebox", [net], runs_dir=where["runs_dir"], db=where["db"])
+    assert "robbench.evaluate(model" in str(e.value)
+
     # robbench.attack works on any module: PGD at eps 0.2 fools more than at eps 0
     y = net(x).argmax(1)
     res = robbench.attack("pgd", steps=10, rel_step=0.25)(net, x, y, 0.3)

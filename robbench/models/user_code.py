@@ -141,7 +141,8 @@ def load_factory(ref: FactoryRef, *, file: str | None = None, field: str = "mode
                               "process; evaluate it from Python, or add it with a python:/file: factory "
                               "(robbench add)", file=file, field=field, reason="checkpoint-missing")
         live = _LIVE[ref.target]
-        return lambda: copy.deepcopy(live)
+        # a copy on the CPU, as every factory builds; the caller moves it to its device
+        return lambda: copy.deepcopy(live).to("cpu")
     module = _import(ref, file, field)
     obj: Any = module
     for part in ref.attr.split("."):
