@@ -62,3 +62,24 @@ def team_cost(model: nn.Module, x: torch.Tensor, input_shape: tuple[int, ...]) -
 
 def speedup(dense_macs: float, macs: float) -> float:
     return dense_macs / macs if macs > 0 else float("inf")
+
+
+@torch.no_grad()
+def die_sweep(model: nn.Module, x: torch.Tensor, y: torch.Tensor, taus: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9)
+              ) -> list[dict[str, float]]:
+    """DIE's members per sample and clean accuracy at several confidence thresholds (a measurement
+    beside the entry's own tau_conf; the model's options are restored after)."""
+    team = find_team(model)
+    saved = team.options.tau_conf
+    device = next(model.parameters()).device
+    out = []
+    try:
+        for tau in taus:
+            team.options.tau_conf = tau
+            used = members_used(model, x)
+            pred = torch.cat([model(x[i:i + 500].to(device)).argmax(1).cpu() for i in range(0, len(x), 500)])
+            out.append({"tau_conf": tau, "members_per_sample": float(used.to(torch.float64).mean()),
+                        "clean_acc": float((pred == y).to(torch.float64).mean())})
+    finally:
+        team.options.tau_conf = saved
+    return out

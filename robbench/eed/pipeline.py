@@ -71,7 +71,7 @@ def run_pipeline(prefix: str = "demo_eed", protocol: str = "demo-eed", *, runs_d
     them but ``train.epochs``. ``scores`` and ``subsets`` pick part of the pool (EED: all 4 x 3)."""
     from robbench.checkpoint import load_trained
     from robbench.data import get_info, load_split
-    from robbench.eed.cost import network_cost, speedup, team_cost
+    from robbench.eed.cost import die_sweep, network_cost, speedup, team_cost
     from robbench.eed.pool import select_from_store, write_selection
     from robbench.evaluate.engine import evaluate_protocol
     from robbench.paths import results_db, runs_dir as default_runs_dir
@@ -127,7 +127,7 @@ def run_pipeline(prefix: str = "demo_eed", protocol: str = "demo-eed", *, runs_d
         info = get_info(cfg["dataset"], cfg.get("options") or {})
         shape = (info.in_channels, info.image_size, info.image_size)
         test = load_split(cfg["dataset"], "test", cfg.get("root") or data_root, cfg.get("options") or {})
-        x_test = test.get(list(range(len(test))))[0]
+        x_test, y_test = test.get(list(range(len(test))))
         dense = network_cost(base_model.members[0], shape)
         costs: dict[str, Any] = {base: {**dense, "flops_speedup": 1.0}}
         for name in pool:
@@ -137,8 +137,11 @@ def run_pipeline(prefix: str = "demo_eed", protocol: str = "demo-eed", *, runs_d
             c = team_cost(load_trained(name, runs, "cpu")[0], x_test, shape)
             c["flops_speedup"] = speedup(dense["macs_per_sample"], c["macs_per_sample"])
             costs[name] = c
+            if c["inference"] == "die":
+                c["die_sweep"] = die_sweep(load_trained(name, runs, "cpu")[0], x_test, y_test)
             if name in eval_ids:
                 store.put_meta(eval_ids[name], "eed_cost", {k: v for k, v in c.items() if k != "member_costs"})
+                c["eval_run_id"] = eval_ids[name]
     finally:
         store.close()
     mark("measure costs")

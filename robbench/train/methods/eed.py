@@ -61,16 +61,22 @@ def _classifier_input_hooks(nets: list[nn.Module], store: list[torch.Tensor]) ->
 
 def load_team_members(ctx: "TrainContext", team: TeamNet, names: list[str]) -> list[dict[str, Any]]:
     """Copy pool entry i's single network (``members.0.*``) into sub-network i."""
-    from robbench.checkpoint import load_trained
+    from robbench.checkpoint import WEIGHTS, load_trained
+    from robbench.eed.prerequisites import missing_prerequisites, train_commands
     from robbench.errors import CheckpointError
 
+    missing = missing_prerequisites(names, ctx.runs_dir)
+    if missing:
+        untrained = [n for n in names if n in missing]
+        raise UserError(f"team members not trained yet under {ctx.runs_dir or 'runs'}: {', '.join(untrained)}; "
+                        f"train first: {train_commands(missing)}", file=ctx.entry.source, field="train.params.team")
     prov = []
     for i, name in enumerate(names):
         try:
-            src, manifest = load_trained(name, ctx.extras.get("runs_dir"), ctx.device)
+            src, manifest = load_trained(name, ctx.runs_dir, ctx.device)
         except CheckpointError as e:
-            raise UserError(f"team member {name!r} is not usable yet: {e}; train it with: robbench train zoo/{name}",
-                            file=ctx.entry.source, field="train.params.team") from None
+            raise UserError(f"team member {name!r} is not usable: {e}", file=ctx.entry.source,
+                            field="train.params.team") from None
         members = getattr(src, "members", None)
         if members is None or len(members) != 1:
             raise ConfigError(f"team member {name!r} must be one network", file=ctx.entry.source,
@@ -82,7 +88,7 @@ def load_team_members(ctx: "TrainContext", team: TeamNet, names: list[str]) -> l
             raise ConfigError(f"team member {name!r} does not match model.options.base_arch with the 'masked' "
                               f"transform (e.g. {bad[0]})", file=ctx.entry.source, field="train.params.team")
         team.nets[i].load_state_dict(sd)
-        prov.append({"entry": name, "weights_sha256": manifest["files"].get("model.safetensors")})
+        prov.append({"entry": name, "weights_sha256": manifest["files"].get(WEIGHTS)})
     return prov
 
 

@@ -68,15 +68,20 @@ class PruneOptions(AdvBaseOptions):
 
 def _load_dense(ctx: "TrainContext", name: str) -> dict[str, Any]:
     """Copy a trained dense entry's tensors into the masked model (every dense key must exist)."""
-    from robbench.checkpoint import load_trained
+    from robbench.checkpoint import WEIGHTS, load_trained
+    from robbench.eed.prerequisites import missing_prerequisites, train_commands
     from robbench.errors import CheckpointError, UserError
 
     try:
-        # TrainContext has no runs directory: $ROBBENCH_RUNS (or ./runs) unless the loop puts one in extras
-        src, manifest = load_trained(name, ctx.extras.get("runs_dir"), ctx.device)
+        src, manifest = load_trained(name, ctx.runs_dir, ctx.device)  # the runs folder this run trains in
     except CheckpointError as e:
-        raise UserError(f"prunes {name!r}, not usable yet: {e}; train it with: robbench train zoo/{name}",
-                        file=ctx.entry.source, field="train.params.dense_from") from None
+        if e.reason in ("checkpoint-missing", "checkpoint-incomplete"):
+            missing = missing_prerequisites([name], ctx.runs_dir)
+            raise UserError(f"prunes {name!r}, not trained yet under {ctx.runs_dir or 'runs'}; train first: "
+                            f"{train_commands(missing)}", file=ctx.entry.source,
+                            field="train.params.dense_from") from None
+        raise UserError(f"prunes {name!r}, not usable: {e}", file=ctx.entry.source,
+                        field="train.params.dense_from") from None
     sd = src.state_dict()
     mine = ctx.model.state_dict()
     bad = [k for k in sd if k not in mine or mine[k].shape != sd[k].shape]
@@ -85,7 +90,7 @@ def _load_dense(ctx: "TrainContext", name: str) -> dict[str, Any]:
                           "model table without the 'masked' transform", file=ctx.entry.source,
                           field="train.params.dense_from")
     ctx.model.load_state_dict(sd, strict=False)
-    return {"entry": name, "weights_sha256": manifest["files"].get("model.safetensors")}
+    return {"entry": name, "weights_sha256": manifest["files"].get(WEIGHTS)}
 
 
 @METHODS.register("score_prune", params=PruneOptions)
@@ -139,7 +144,7 @@ class ScorePrune(Method):
         from robbench.eed.subsets import SubsetStream, eed_subset
 
         d = ctx.entry.data
-        data = load_split(d.dataset, "train", d.root, d.options)
+        data = load_split(d.dataset, "train", d.root or ctx.data_root, d.options)
         key = o.subset_key or o.score
         idx = eed_subset(len(data), o.subset_member, key=key, seed=ctx.seed)
         self.stream = SubsetStream(data, idx, d.batch_size, d.augment, ctx.seed)
@@ -152,7 +157,7 @@ class ScorePrune(Method):
         if self.stream is not None:
             loader = self.stream.loader
         else:
-            loader = BatchLoader(load_split(d.dataset, "train", d.root, d.options), d.batch_size, shuffle=True,
+            loader = BatchLoader(load_split(d.dataset, "train", d.root or ctx.data_root, d.options), d.batch_size, shuffle=True,
                                  augment=d.augment, seed=ctx.seed)
         out = []
         for b, (x, y) in enumerate(loader.epoch(0)):
