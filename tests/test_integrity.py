@@ -506,6 +506,15 @@ def test_set_reaches_an_attacks_parameters() -> None:
     assert p.sha256() != load_protocol("demo-whitebox").sha256()  # recorded in the run identity
 
 
+def test_set_reaches_autoattack_n_iter_from_the_command_line(tmp_path: Path) -> None:
+    r = cli("protocols", "show", "robustbench-autoattack", "--set", "attacks.aa.n_iter=10", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    (aa,) = json.loads(r.stdout)["attacks"]
+    assert aa["id"] == "aa" and aa["params"]["n_iter"] == 10
+    r = cli("protocols", "show", "robustbench-autoattack", "--set", "attacks.aa.n_iter=0", cwd=tmp_path)
+    assert_one_line_error(r, "--set attacks.aa.n_iter=0", "n_iter")
+
+
 def test_conflicting_overrides_are_refused_naming_both(runs: Path, tmp_path: Path) -> None:
     r = cli("evaluate", "--protocol", "demo-whitebox", NAME, "--n", "30", "--set", "samples.n=20", "--runs-dir",
             str(runs), "--db", str(tmp_path / "r.db"), "--device", "cpu", cwd=tmp_path)

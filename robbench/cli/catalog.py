@@ -53,11 +53,17 @@ def protocols_list() -> None:
         click.echo(f"{name:28s} {p.paper:7s} {p.description}")
 
 
+SET_PROTOCOL_HELP = ("override a protocol field: key=value (TOML value), e.g. samples.n=50; an attack's "
+                     "table by its id: attacks.<id>.<param>=v sets one of its parameters (attacks.aa.n_iter=10, "
+                     "= attacks.aa.params.n_iter=10), attacks.<id>.eps=[0.1] a field of the table")
+
+
 @protocols.command("show")
 @click.argument("name")
+@click.option("--set", "overrides", multiple=True, help=SET_PROTOCOL_HELP)
 @user_errors
-def protocols_show(name: str) -> None:
-    """Show a protocol as resolved."""
+def protocols_show(name: str, overrides: tuple[str, ...]) -> None:
+    """Show a protocol as resolved (extends merged, overrides applied, attack defaults filled)."""
     from robbench.evaluate.protocol import load_protocol
 
-    click.echo(json.dumps(load_protocol(name).resolved(), indent=2))
+    click.echo(json.dumps(load_protocol(name, list(overrides)).resolved(), indent=2))

@@ -8,9 +8,10 @@ from robbench.cli.common import memory_format_option, user_errors
 
 @click.command()
 @click.argument("entry")
-@click.option("--set", "overrides", multiple=True, help="override a field: key=value (recorded in the manifest)")
-@click.option("--epochs", type=int, default=None, help="override train.epochs")
-@click.option("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when present)")
+@click.option("--set", "overrides", multiple=True,
+              help="override a field: key=value (TOML value, recorded in the manifest), e.g. train.epochs=3")
+@click.option("--epochs", type=int, default=None, help="override train.epochs (a --set of it with another value is refused)")
+@click.option("--device", default=None, help="cpu, cuda, cuda:K (default: cuda when present)")
 @click.option("--runs-dir", type=click.Path(), default=None, help="where runs/<entry>/ go (default ./runs)")
 @click.option("--data-root", type=click.Path(), default=None, help="dataset directory (default ./data)")
 @click.option("--fresh", is_flag=True,
