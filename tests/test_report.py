@@ -404,3 +404,18 @@ def test_views_folder_combines_files_and_refuses_a_key_set_twice(tmp_path):
         (tmp_path / name).write_text('[papers.x]\ntitle = "X"\n')
     with pytest.raises(ConfigError, match=r"b\.toml.*papers\.x.*also set in .*a\.toml"):
         load_views(tmp_path)
+
+
+def test_without_chromium_the_screenshot_is_skipped_in_one_line(fixture_store, tmp_path: Path, monkeypatch,
+                                                                capsys) -> None:
+    from robbench.report.write import build_report
+
+    db, runs, views = fixture_store
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "leaderboard.png").write_bytes(b"old picture")
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    result = build_report("fix", tmp_path / "out", db, runs, "md", views, screenshot=True)
+    assert not (tmp_path / "out" / "leaderboard.png").exists()  # no stale picture beside the new page
+    printed = [line for line in capsys.readouterr().out.splitlines() if "leaderboard.png" in line]
+    assert len(printed) == 1 and "no Chromium" in printed[0] and result.notes
+    assert (tmp_path / "out" / "leaderboard.html").exists() and tmp_path / "out" / "leaderboard.png" not in result.files

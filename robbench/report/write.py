@@ -509,14 +509,17 @@ def build_report(paper: str = "all", out: str | Path = "reports", db: str | Path
         written.append(_write(out / "flags.md", _flags_md(fl)))
         index = _write(out / "index.md", _index_md(summaries, board, fl, results))
         written.append(index)
+        shot = out / "leaderboard.png"
+        if shot.exists():  # a picture of an older leaderboard must not stay beside the new page
+            shot.unlink()
         if screenshot:
             from robbench.report.screenshot import screenshot as take
 
             groups = board.groupby(["protocol", "dataset", "sample_sha256"]).ngroups if not board.empty else 0
             height = min(SCREENSHOT_MAX_HEIGHT, 330 + 110 * groups + 37 * len(board))  # the whole page, roughly
-            why = take(page, out / "leaderboard.png", (1500, height))
+            why = take(page, shot, (1500, height))
             if why is None:
-                written.append(out / "leaderboard.png")
+                written.append(shot)
             else:
                 notes.append(why)
                 print(f"[report] {why}", flush=True)
