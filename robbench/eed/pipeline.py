@@ -63,12 +63,15 @@ def run_pipeline(prefix: str = "demo_eed", protocol: str = "demo-eed", *, runs_d
                  db: str | Path | None = None, device: str | None = None, data_root: str | Path | None = None,
                  memory_format: str = "auto", overrides: Sequence[str] | Callable[[str], list[str]] = (),
                  n: int | None = None, scores: Sequence[str] = SCORES, subsets: Sequence[int] = (0, 1, 2),
-                 fresh: bool = False, say: Callable[[str], None] = _say) -> dict[str, Any]:
+                 baselines: Sequence[str] = (), fresh: bool = False,
+                 say: Callable[[str], None] = _say) -> dict[str, Any]:
     """Run every step (see the module docstring); returns the summary record.
 
     ``overrides`` are ``--set`` values for every trained entry, or a function of the entry name giving
     them (e.g. a smaller test size); the full-mean deployment (0 epochs, the team's weights) gets all of
-    them but ``train.epochs``. ``scores`` and ``subsets`` pick part of the pool (EED: all 4 x 3)."""
+    them but ``train.epochs``. ``scores`` and ``subsets`` pick part of the pool (EED: all 4 x 3).
+    ``baselines`` names single-model baselines at the pool's sparsity (e.g. 'hydra': ``<prefix>_hydra_prune``
+    then ``<prefix>_hydra``), trained, evaluated and costed beside the pool."""
     from robbench.checkpoint import load_trained
     from robbench.data import get_info, load_split
     from robbench.eed.cost import die_sweep, network_cost, speedup, team_cost
@@ -97,12 +100,13 @@ def run_pipeline(prefix: str = "demo_eed", protocol: str = "demo-eed", *, runs_d
     base, pool = f"{prefix}_at", pool_entries(prefix, scores, subsets)
     team_name, mean_name = f"{prefix}_team", f"{prefix}_team_mean"
     train_entry(base, over(base), **kw)
-    for name in pool:
+    singles = [f"{prefix}_{b}" for b in baselines]
+    for name in [*pool, *singles]:
         train_entry(f"{name}_prune", over(f"{name}_prune"), **kw)
         train_entry(name, over(name), **kw)
     mark("train base and pool")
 
-    evaluate_protocol(protocol, [base, *pool], **ev)
+    evaluate_protocol(protocol, [base, *pool, *singles], **ev)
     mark(f"evaluate pool ({protocol})")
     store = Store(store_path)
     try:
@@ -121,7 +125,7 @@ def run_pipeline(prefix: str = "demo_eed", protocol: str = "demo-eed", *, runs_d
         eval_ids = evaluate_protocol(protocol, [team_name, mean_name], **ev)
         mark(f"evaluate team ({protocol})")
 
-        acc = _accuracies(store, protocol, [base, *pool, team_name, mean_name])
+        acc = _accuracies(store, protocol, [base, *pool, *singles, team_name, mean_name])
         base_model, base_manifest = load_trained(base, runs, "cpu")
         cfg = base_manifest["config"]["data"]
         info = get_info(cfg["dataset"], cfg.get("options") or {})
@@ -130,7 +134,7 @@ def run_pipeline(prefix: str = "demo_eed", protocol: str = "demo-eed", *, runs_d
         x_test, y_test = test.get(list(range(len(test))))
         dense = network_cost(base_model.members[0], shape)
         costs: dict[str, Any] = {base: {**dense, "flops_speedup": 1.0}}
-        for name in pool:
+        for name in [*pool, *singles]:
             c = network_cost(load_trained(name, runs, "cpu")[0].members[0], shape)
             costs[name] = {**c, "flops_speedup": speedup(dense["macs_per_sample"], c["macs_per_sample"])}
         for name in (team_name, mean_name):
@@ -168,11 +172,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n", type=int, default=None, help="samples per evaluation (default: the protocol's)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override applied to every trained entry (repeatable)")
+    ap.add_argument("--baseline", dest="baselines", action="append", default=[], metavar="NAME",
+                    help="also train <prefix>_NAME_prune and <prefix>_NAME (e.g. hydra) beside the pool")
     ap.add_argument("--fresh", action="store_true", help="move stale runs aside and retrain them")
     a = ap.parse_args(argv)
     try:
         run_pipeline(a.prefix, a.protocol, runs_dir=a.runs_dir, db=a.db, device=a.device,
-                     memory_format=a.memory_format, overrides=a.overrides, n=a.n, fresh=a.fresh)
+                     memory_format=a.memory_format, overrides=a.overrides, n=a.n, baselines=a.baselines,
+                     fresh=a.fresh)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
