@@ -328,6 +328,18 @@ steps = 4
     assert m.shape == (2, 3) and list(m.columns) == [0, 1, "ensemble"]
     assert m.loc[0, 0] > 0.5 and m.loc[1, 1] > 0.5  # white-box on the member itself mostly succeeds
 
+    # the command line prints the same matrix, in the heatmaps' unit (attack success rate), not accuracy
+    from click.testing import CliRunner
+
+    from robbench.cli import main
+
+    out = CliRunner().invoke(main, ["evaluate", "--protocol", _proto(tmp_path, "tr", text), "t_x2", "--runs-dir",
+                                    str(runs), "--db", str(tmp_path / "r.db")])
+    assert out.exit_code == 0, out.output
+    assert "attack success rate" in out.output and "t_x2 - tr (transferability" in out.output
+    row0 = next(line for line in out.output.splitlines() if line.split() and line.split()[0] == "0")
+    assert [float(c.rstrip("%")) for c in row0.split()[1:]] == [round(100 * float(v), 1) for v in m.loc[0]]
+
 
 def test_record_steps_equal_a_separate_run(runs: Path, tmp_path: Path):
     rec = WB.replace("restarts = 2", "record_steps = [2, 6]\nearly_stop = false").replace("steps = 3", "steps = 6")

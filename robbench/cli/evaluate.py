@@ -37,13 +37,22 @@ def evaluate(protocol: str, entries: tuple[str, ...], n: int | None, eps: str | 
 
 
 def _print_summaries(runs: dict[str, int], db: str | None) -> None:
-    """Per evaluated entry: its aggregated accuracy per attack (rows) and eps (columns); the same table
-    ``robbench.evaluate(...)`` returns (:func:`robbench.api.summary`)."""
+    """Per evaluated entry: its aggregated accuracy per attack (rows) and eps (columns), the same table
+    ``robbench.evaluate(...)`` returns (:func:`robbench.api.summary`); a transferability run prints its
+    source x target matrices in attack success rate, the unit of its heatmaps and CSV."""
     from robbench.api import summary
+    from robbench.report.transferability import success_lines
     from robbench.store import Store
 
     with Store(db) as store:
         for name, run_id in runs.items():
+            run = store.run(run_id)
+            if (run["meta"].get("protocol") or {}).get("kind") == "transferability":
+                lines = success_lines(store.outcomes(run_id))
+                if lines:
+                    click.echo(f"\n{name} - {run['protocol']} (transferability, run {run_id})")
+                    click.echo("\n".join(lines))
+                    continue
             table = summary(store, run_id)
             if table.empty:
                 continue
