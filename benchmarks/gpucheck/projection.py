@@ -243,7 +243,11 @@ def view_groups(views: list[dict[str, Any]], training_times: list[dict[str, Any]
             if isinstance(m, dict) and m.get("kind", "robust") != "none":
                 protos.add(m.get("protocol") or v.get("protocol") or "")
         protos.discard("")
-        out.append((paper, f"Table {v.get('table', '?')}", v.get("title", ""), dict(v.get("rows") or {}), protos))
+        rows = dict(v.get("rows") or {})
+        for label, extra in (v.get("seeds") or {}).items():  # a row's further independent runs cost too
+            for i, entry in enumerate(extra):
+                rows[f"{label} (run {i + 2})"] = entry
+        out.append((paper, f"Table {v.get('table', '?')}", v.get("title", ""), rows, protos))
     for t in training_times:
         paper = t.get("paper", "")
         if paper not in PAPERS:
