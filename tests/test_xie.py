@@ -419,3 +419,69 @@ def test_untargeted_option_ascends_the_true_label_ce():
     net.train()
     logs = m.step(ctx, Batch(x, y))
     assert "attack_success" not in logs and math.isfinite(logs["loss"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# the paper's claims at digits scale (issue #11): demo_xie_* trained as `robbench train` does, attacked
+# with protocols/demo-xie.toml (targeted PGD-200, eps 0.2, step eps/16, all 450 test images).
+# Measured once per entry per module; each claim asserts what held at seed 0 with a margin.
+# ---------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def digits_xie(tmp_path_factory):
+    """entry -> {(attack, steps): accuracy %} on demo-xie, training and attacking each entry once."""
+    from robbench.evaluate.engine import evaluate_protocol
+    from robbench.store import Store
+    from robbench.train.run import train_entry
+
+    root = tmp_path_factory.mktemp("xie_digits")
+    runs, db = root / "runs", root / "robbench.db"
+    cache: dict[str, dict] = {}
+
+    def measure(entry: str) -> dict:
+        if entry not in cache:
+            train_entry(f"zoo/{entry}", runs_dir=runs, progress=False, memory_format="contiguous")
+            run_id = evaluate_protocol("demo-xie", [entry], runs_dir=runs, db=db, quiet=True,
+                                       memory_format="contiguous")[entry]
+            with Store(db) as st:
+                df = st.outcomes(run_id)
+            df = df[df["member"] == -1]
+            acc = df.groupby(["attack", "steps"])["correct"].mean() * 100
+            cache[entry] = {k: float(v) for k, v in acc.items()} | {"n": int(df["sample"].nunique())}
+        return cache[entry]
+
+    return measure
+
+
+@pytest.mark.slow
+def test_digits_bn_fewer_clean_images_give_higher_targeted_pgd_accuracy(digits_xie):
+    """§4.1 / Figure 1: with BatchNorm, fewer clean images give higher PGD-2000 accuracy (ImageNet:
+    r = 0 39.2%, r = 1 20.9%). Digits at PGD-200 (contiguous format), seed 0: r = 0 61.1%, r = 1 51.3%;
+    seeds 1 / 2: 70.0 / 64.9% vs 55.6 / 49.3%. The issue's r = 0 vs r = 0.5 comparison does not hold
+    reliably here and is not asserted: r = 0.5 gave 64.0% at seed 0 (above r = 0), 62.2 / 53.1% at seeds
+    1 / 2 (below), and 61.1% vs r = 0's 62.9% at seed 0 trained in channels_last."""
+    r0, r100 = digits_xie("demo_xie_r0"), digits_xie("demo_xie_r100")
+    assert r0["n"] == r100["n"] == 450
+    assert r0[("pgd200", 200)] >= r100[("pgd200", 200)] + 5.0
+    assert r0[("pgd10", 10)] >= r100[("pgd10", 10)] + 2.0
+
+
+@pytest.mark.slow
+def test_digits_mbn_adv_is_at_least_as_robust_as_bn_on_the_same_mixture(digits_xie):
+    """§4.2 / Tables 1-2: MBN_adv trained on 100% adv + 100% clean secures robustness that plain BN on the
+    same mixture loses (ImageNet PGD-2000 38.3% vs 20.9%). Digits at PGD-200, seeds 1 / 2: MBN_adv
+    60.2 / 52.9%, BN 55.6 / 49.3% (seed 0 in channels_last: 58.7% vs 52.7%)."""
+    mbn, bn = digits_xie("demo_xie_mbn_r100"), digits_xie("demo_xie_r100")
+    assert mbn[("pgd200", 200)] >= bn[("pgd200", 200)] + 3.0
+
+
+@pytest.mark.slow
+def test_digits_targeted_pgd_accuracy_falls_then_levels_off_in_one_run(digits_xie):
+    """Figure 2: accuracy falls with more iterations and, for 100% adv + 0% clean, levels off. One
+    200-step run records every count (pgd200@steps=K rows of one store run). Digits, seed 0:
+    86.4 / 72.2 / 63.1 / 61.1 / 61.1 % at 10 / 20 / 50 / 100 / 200 steps."""
+    r0 = digits_xie("demo_xie_r0")
+    curve = [r0[("pgd200", k)] for k in (10, 20, 50, 100, 200)]
+    assert all(b <= a + 0.5 for a, b in zip(curve, curve[1:]))  # never rises by more than 2 of 450 samples
+    assert curve[0] - curve[-1] >= 15.0                          # falls from 10 to 200 iterations
+    assert curve[-2] - curve[-1] <= 1.0                          # and levels off from 100 to 200
