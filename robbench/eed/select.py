@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from robbench.eed.diversity import RD_THRESHOLD
@@ -29,13 +30,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="JSON path (default: <pool>_selection.json beside the store)")
     a = ap.parse_args(argv)
     names = pool_entries(a.pool)
+    db = a.db or results_db()
+    if not Path(db).is_file():  # opening a Store would create an empty one
+        print(f"error: {db}: no results store; evaluate the pool first: robbench evaluate --protocol "
+              f"{a.protocol or 'eed-suite'} {' '.join(names)}", file=sys.stderr)
+        return 2
     try:
-        db = a.db or results_db()
         sel = select_from_store(db, names, a.attack, a.threshold, a.protocol)
     except LookupError as e:
-        proto = a.protocol or ("demo-eed" if a.pool.startswith("demo") else "eed-suite")
-        print(f"error: {e}; evaluate the pool first: robbench evaluate --protocol {proto} {' '.join(names)}",
-              file=sys.stderr)
+        print(f"error: {e}; evaluate the pool first: robbench evaluate --protocol {a.protocol or 'eed-suite'} "
+              f"{' '.join(names)}", file=sys.stderr)
         return 2
     out = write_selection(a.out or selection_path(db, a.pool), sel,
                           {"pool": names, "attack": a.attack, "protocol": a.protocol})
