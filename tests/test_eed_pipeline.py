@@ -49,7 +49,7 @@ def test_missing_prerequisites_are_named(tmp_path):
         train_entry("demo_eed_team", ["train.epochs=1"], **kw)
 
 
-@pytest.mark.slow  # 11 runs and 7 evaluations: 75 s measured at load 6 on 2 cores (140 s at load 8)
+@pytest.mark.slow  # 11 runs and 7 evaluations: 52 s at load 5 on 2 cores, 77 s at load 6, 140 s at load 8
 def test_pipeline_and_digits_claims(tmp_path):
     runs, db = tmp_path / "runs", tmp_path / "robbench.db"
     s = run_pipeline(runs_dir=runs, db=db, overrides=_overrides, n=200, subsets=(0,), memory_format="contiguous",
