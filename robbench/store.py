@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import json
+import os
 import sqlite3
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -141,6 +142,15 @@ def store_error(e: sqlite3.Error, path: str) -> Exception:
     return e
 
 
+def _writable(path: Path) -> bool:
+    """Whether ``path`` can be opened for writing (permission bits say nothing for root or read-only mounts)."""
+    try:
+        os.close(os.open(path, os.O_RDWR))
+    except OSError:
+        return False
+    return True
+
+
 class _Cursor(sqlite3.Cursor):
     """A cursor whose file-level SQLite errors are one-line :class:`UserError` s (a damaged page may
     only be met while stepping through rows, so fetching is covered too)."""
@@ -217,12 +227,18 @@ class Store:
             if self.path.is_dir():
                 raise UserError("is a folder; --db must name a results store file (e.g. results/robbench.db)",
                                 file=file, reason="store")
-        # files SQLite may create beside the store; removed again if opening fails
-        sidecars = [] if memory else [Path(file + s) for s in ("-wal", "-shm", "-journal")]
-        existed = {p for p in sidecars if p.exists()}
+        # files SQLite may create beside the store; removed again if opening fails (or, for a read-only
+        # store, on close)
+        self._sidecars = [] if memory else [Path(file + s) for s in ("-wal", "-shm", "-journal")]
+        self._existed = {p for p in self._sidecars if p.exists()}
+        # a store file that cannot be written is opened read-only: reading works, a write is one line
+        # (SQLite would otherwise accept writes into a -wal file it can never fold into the store)
+        self.readonly = not memory and self.path.is_file() and not _writable(self.path)
+        target = f"file:{self.path.resolve()}?mode=ro" if self.readonly else file
         try:
             # isolation_level=None: we issue BEGIN IMMEDIATE ourselves, so each batch is exactly one transaction.
-            self.conn = sqlite3.connect(file, timeout=BUSY_TIMEOUT_S, isolation_level=None, factory=_Connection)
+            self.conn = sqlite3.connect(target, timeout=BUSY_TIMEOUT_S, isolation_level=None, factory=_Connection,
+                                        uri=self.readonly)
         except sqlite3.Error as e:
             err = store_error(e, file)
             raise (err if isinstance(err, UserError) else UserError(f"cannot open the results store ({e})",
@@ -231,20 +247,23 @@ class Store:
         try:
             self.conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
             self._recognise()
-            if not memory:
+            if not memory and not self.readonly:
                 self.conn.execute("PRAGMA journal_mode = WAL")
             self.conn.execute("PRAGMA synchronous = FULL")
             self.conn.execute("PRAGMA foreign_keys = ON")
             self._init_schema()
         except (UserError, sqlite3.Error) as e:
             self.conn.close()
-            for p in sidecars:
-                if p not in existed:
-                    with contextlib.suppress(OSError):
-                        p.unlink()
+            self._remove_sidecars()
             if isinstance(e, UserError):
                 raise
             raise UserError(f"not a usable results store ({e}); pass another --db", file=file, reason="store") from None
+
+    def _remove_sidecars(self) -> None:
+        for p in self._sidecars:
+            if p not in self._existed:
+                with contextlib.suppress(OSError):
+                    p.unlink()
 
     def _recognise(self) -> None:
         """A file with tables must be a robbench store (its application id, or the ``meta`` table of a
@@ -273,6 +292,10 @@ class Store:
         version = self._read_version()
         if version is not None and int(version) == SCHEMA_VERSION:
             return
+        if self.readonly:
+            raise UserError(f"the results store is read-only and of schema version {version} (this robbench "
+                            f"needs {SCHEMA_VERSION}); make it writable to migrate it, or pass another --db",
+                            file=str(self.path), reason="store-readonly")
         if version is not None and int(version) > SCHEMA_VERSION:
             raise UserError(f"schema version {version}; this robbench reads version {SCHEMA_VERSION}",
                             file=str(self.path), field="meta.schema_version", reason="store-version")
@@ -310,6 +333,8 @@ class Store:
 
     def close(self) -> None:
         self.conn.close()
+        if self.readonly:
+            self._remove_sidecars()
 
     def __enter__(self) -> "Store":
         return self
