@@ -419,3 +419,37 @@ def test_without_chromium_the_screenshot_is_skipped_in_one_line(fixture_store, t
     printed = [line for line in capsys.readouterr().out.splitlines() if "leaderboard.png" in line]
     assert len(printed) == 1 and "no Chromium" in printed[0] and result.notes
     assert (tmp_path / "out" / "leaderboard.html").exists() and tmp_path / "out" / "leaderboard.png" not in result.files
+
+
+def test_meta_measures_show_recorded_costs_and_difference_only_in_the_same_unit(tmp_path: Path) -> None:
+    """EED Table 1's Speed up / Params cells come from the evaluation run's recorded ``eed_cost``; a
+    value is differenced against the published one only in the same unit and setting."""
+    from robbench.report.results import Results
+    from robbench.report.tables import build_table, cell_text
+    from robbench.report.views import load_views
+
+    db = tmp_path / "r.db"
+    st = Store(db)
+    costs = {"eed_resnet18_cifar10_at": {"flops_speedup": 1.0, "params_kept": 11.2e6},
+             "eed_resnet18_cifar10_team": {"flops_speedup": 2.5, "params_kept": 3.1e6}}
+    for entry, cost in costs.items():
+        rid = st.start_run(entry, f"sha-{entry}", "eed-suite", "e" * 8, seed=0, versions={})
+        st.write_batch(rid, "0", [("clean", 0.0, s, -1, int(s < 8), None) for s in range(10)])
+        st.finish_run(rid)
+        st.put_meta(rid, "eed_cost", cost)
+        st.put_meta(rid, "samples", {"dataset": "cifar10", "n": 10, "selection": "first", "sha256": "s" * 64})
+    st.close()
+    spec = load_views()
+    view = next(v for v in spec.view if v.paper == "eed" and v.table == "1" and "ResNet18/AT" in v.rows)
+    t = build_table(Results(db, tmp_path / "runs"), view, [], spec)
+    at, team = t.cells[("ResNet18/AT", "CIFAR-10/Speed up")], t.cells[("ResNet18/EED(ours)", "CIFAR-10/Speed up")]
+    assert at.cell.value == 1.0 and team.cell.value == 2.5
+    assert at.delta == pytest.approx(0.0) and team.delta == pytest.approx(2.5 - team.ref.value)
+    assert cell_text(team, True, {}, None).startswith(f"2.50x ({team.ref.value:.2f}x, ")
+    params = t.cells[("ResNet18/AT", "Params")]
+    assert params.cell.value == pytest.approx(11.2) and params.delta == pytest.approx(0.0)
+    rec = params.record("eed", "1")
+    assert rec["measure"] == "meta:eed_cost.params_kept" and rec["unit"] == "M params" and rec["n"] is None
+    assert t.cells[("ResNet18/AT", "CIFAR-10/Clean")].cell.acc == pytest.approx(0.8)  # accuracy cells as before
+    # a run that recorded no cost is 'not run' for that column, never zero
+    assert t.cells[("ResNet18/HYDRA", "CIFAR-10/Speed up")].status == "not run"

@@ -106,7 +106,7 @@ def run_pipeline(prefix: str = "demo_eed", protocol: str = "demo-eed", *, runs_d
         train_entry(name, over(name), **kw)
     mark("train base and pool")
 
-    evaluate_protocol(protocol, [base, *pool, *singles], **ev)
+    pool_eval_ids = evaluate_protocol(protocol, [base, *pool, *singles], **ev)
     mark(f"evaluate pool ({protocol})")
     store = Store(store_path)
     try:
@@ -137,6 +137,9 @@ def run_pipeline(prefix: str = "demo_eed", protocol: str = "demo-eed", *, runs_d
         for name in [*pool, *singles]:
             c = network_cost(load_trained(name, runs, "cpu")[0].members[0], shape)
             costs[name] = {**c, "flops_speedup": speedup(dense["macs_per_sample"], c["macs_per_sample"])}
+        for name in [base, *pool, *singles]:  # the report's Speed up / Params cells read them from the run
+            if name in pool_eval_ids:
+                store.put_meta(pool_eval_ids[name], "eed_cost", costs[name])
         for name in (team_name, mean_name):
             c = team_cost(load_trained(name, runs, "cpu")[0], x_test, shape)
             c["flops_speedup"] = speedup(dense["macs_per_sample"], c["macs_per_sample"])

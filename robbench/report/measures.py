@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -28,6 +29,14 @@ class Cell:
     @property
     def acc(self) -> float:
         return self.k / self.n if self.n else float("nan")
+
+
+@dataclass(frozen=True)
+class ValueCell:
+    """A number the evaluation run recorded in its meta (a ``meta`` measure), already scaled, in ``unit``."""
+    value: float
+    unit: str
+    run: RunInfo
 
 
 BOOTSTRAP_REPS = 2000
@@ -90,13 +99,26 @@ def clean_counts(df: pd.DataFrame, member: int = -1) -> tuple[int, int] | None:
     return int(sub["correct"].sum()), int(sub["sample"].nunique())
 
 
-def compute(results: Results, entry: str, m: Measure) -> Cell | None:
+def meta_value(meta: dict[str, Any], key: str) -> float | None:
+    """The number at dotted path ``key`` of a run's meta; ``None`` when absent or not a number."""
+    v: Any = meta
+    for part in key.split("."):
+        if not isinstance(v, dict) or part not in v:
+            return None
+        v = v[part]
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+def compute(results: Results, entry: str, m: Measure) -> Cell | ValueCell | None:
     """The cell of ``entry`` under measure ``m``; ``None`` when not run (or not measurable)."""
     if m.kind == "none" or not entry:
         return None
     run = results.run(entry, m.protocol)
     if run is None:
         return None
+    if m.kind == "meta":
+        v = meta_value(run.meta, m.key)
+        return None if v is None else ValueCell(value=v * m.scale, unit=m.unit, run=run)
     df = results.outcomes(run)
     if m.kind == "clean":
         kn = clean_counts(df, m.member)
@@ -115,7 +137,7 @@ def compute(results: Results, entry: str, m: Measure) -> Cell | None:
 def compute_seeds(results: Results, entries: list[str], m: Measure) -> SeedCell | None:
     """The cell of a row with several runs; ``None`` when none of them was run."""
     cells = [compute(results, e, m) for e in entries]
-    done = tuple(c for c in cells if c is not None)
+    done = tuple(c for c in cells if isinstance(c, Cell))
     return SeedCell(done, len(cells) - len(done)) if done else None
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from robbench.report.flags import Flag, protocol_info
-from robbench.report.measures import Cell, SeedCell, compute, compute_seeds
+from robbench.report.measures import Cell, SeedCell, ValueCell, compute, compute_seeds
 from robbench.report.reference import RefValue, published, table_layout
 from robbench.report.results import Results
 from robbench.report.views import View, ViewsFile, load_views, views_path
@@ -39,12 +39,13 @@ class CellResult:
     column: str
     entries: list[str]
     protocol: str
-    cell: Cell | SeedCell | None
+    cell: Cell | SeedCell | ValueCell | None
     ref: RefValue | None
     measurable: bool
     flags: list[Flag]
     setting: Setting = field(default_factory=lambda: Setting("", ""))
     published_setting: Setting = field(default_factory=lambda: Setting("", ""))
+    meta_key: str = ""  # a meta measure's key (CSV/JSON name the measure by it)
 
     @property
     def entry(self) -> str:
@@ -60,22 +61,37 @@ class CellResult:
 
     @property
     def comparable(self) -> bool:
-        """Published and reproduced numbers come from the same setting and both are percentages."""
-        return (self.cell is not None and self.ref is not None and self.ref.unit in ("%", "pp")
-                and self.setting.matches(self.published_setting))
+        """Published and reproduced numbers come from the same setting and are in the same unit
+        (accuracy: both percentages; a meta measure: the unit it declares)."""
+        if self.cell is None or self.ref is None or not self.setting.matches(self.published_setting):
+            return False
+        if isinstance(self.cell, ValueCell):
+            return bool(self.cell.unit) and self.ref.unit == self.cell.unit
+        return self.ref.unit in ("%", "pp")
 
     @property
     def delta(self) -> float | None:
-        return 100 * self.cell.acc - self.ref.value if self.comparable else None  # type: ignore[union-attr]
+        if not self.comparable:
+            return None
+        c = self.cell
+        return (c.value if isinstance(c, ValueCell) else 100 * c.acc) - self.ref.value  # type: ignore[union-attr]
 
     @property
     def first(self) -> Cell | None:
+        """The (first) accuracy cell: what carries n and the attack seed (a meta value carries neither)."""
         c = self.cell
+        if isinstance(c, ValueCell):
+            return None
         return c.cells[0] if isinstance(c, SeedCell) else c
+
+    @property
+    def run(self) -> Any:
+        c = self.cell
+        return c.run if isinstance(c, ValueCell) else (None if self.first is None else self.first.run)
 
     def interval(self) -> tuple[float, float] | None:
         c = self.cell
-        if c is None:
+        if c is None or isinstance(c, ValueCell):
             return None
         return c.interval if isinstance(c, SeedCell) and len(c.cells) > 1 else (self.first.lo, self.first.hi)
 
@@ -86,15 +102,16 @@ class CellResult:
         return {
             "paper": paper, "table": table, "row": self.row, "column": self.column, "entry": self.entry,
             "protocol": self.protocol, "dataset": self.setting.dataset or None, "status": self.status,
-            "measure": MEASURE, "unit": UNIT,
-            "reproduced": None if c is None else round(100 * c.acc, 4),
+            "measure": f"meta:{self.meta_key}" if isinstance(c, ValueCell) else MEASURE,
+            "unit": c.unit if isinstance(c, ValueCell) else UNIT,
+            "reproduced": None if c is None else round(c.value if isinstance(c, ValueCell) else 100 * c.acc, 4),
             "std": round(100 * c.std, 4) if multi and len(c.cells) > 1 else None,
             "runs": len(c.cells) if multi else (None if c is None else 1),
             "ci_low": None if iv is None else round(100 * iv[0], 4),
             "ci_high": None if iv is None else round(100 * iv[1], 4),
             "n": None if one is None else one.n, "correct": None if one is None or multi else one.k,
-            "seed": None if one is None else one.run.seed, "run_id": None if one is None else one.run.run_id,
-            "checkpoint_sha256": None if one is None else one.run.checkpoint_sha256,
+            "seed": None if one is None else one.run.seed, "run_id": None if self.run is None else self.run.run_id,
+            "checkpoint_sha256": None if self.run is None else self.run.checkpoint_sha256,
             "published": None if self.ref is None else self.ref.value,
             "published_unit": None if self.ref is None else self.ref.unit,
             "published_dataset": self.published_setting.dataset or None,
@@ -150,12 +167,12 @@ def _shipped_views(path: str) -> ViewsFile:
     return load_views(Path(path))
 
 
-def published_protocols(spec: ViewsFile) -> dict[tuple[str, str, str, str], str]:
-    """(paper, table, row, column) -> the protocol of the published number's setting: the protocol of the
-    first shipped view that differences that cell (``protocols/reference/views/``, curated against the
+def published_protocols(spec: ViewsFile) -> dict[tuple[str, str, str, str], tuple[str, str]]:
+    """(paper, table, row, column) -> (protocol, dataset) of the published number's setting: the protocol
+    (and declared dataset) of the first shipped view that differences that cell (``protocols/reference/views/``, curated against the
     papers), else of the first such view in ``spec``. A copy of a table on a variant protocol (another CW
     masking, a user's views file) is then shown beside the published number, not differenced."""
-    out: dict[tuple[str, str, str, str], str] = {}
+    out: dict[tuple[str, str, str, str], tuple[str, str]] = {}
     for source in (_shipped_views(str(views_path())), spec):
         for v in source.view:
             if not v.compare:
@@ -165,11 +182,11 @@ def published_protocols(spec: ViewsFile) -> dict[tuple[str, str, str, str], str]
                 for c in list(v.columns) or table_layout(p, t)[1]:
                     m = v.measure(c)
                     if m.kind != "none" and m.protocol:
-                        out.setdefault((p, t, r, c), m.protocol)
+                        out.setdefault((p, t, r, c), (m.protocol, v.dataset))
     return out
 
 
-def run_setting(results: Results, cell: Cell | SeedCell | None, protocol: str) -> Setting:
+def run_setting(results: Results, cell: Cell | SeedCell | ValueCell | None, protocol: str) -> Setting:
     one = cell.cells[0] if isinstance(cell, SeedCell) else cell
     if one is None:
         return Setting(protocol_dataset(protocol), protocol)
@@ -190,7 +207,7 @@ def build_table(results: Results, view: View, flags: list[Flag], spec: ViewsFile
             m = view.measure(c)
             if not entries or m.kind == "none":
                 cell = None
-            elif len(entries) > 1:
+            elif len(entries) > 1 and m.kind != "meta":
                 cell = compute_seeds(results, entries, m)
             else:
                 cell = compute(results, entries[0], m)
@@ -199,10 +216,10 @@ def build_table(results: Results, view: View, flags: list[Flag], spec: ViewsFile
             if cell is not None and m.kind == "robust":
                 fl = [f for f in flags if f.entry in entries and f.protocol == m.protocol
                       and (f.eps is None or (m.eps is not None and abs(f.eps - m.eps) < 1e-9))]
-            pub_proto = pub_protocols.get((ref_paper, ref_table, r, c), "")
-            pub = Setting(protocol_dataset(pub_proto), pub_proto) if ref is not None else Setting("", "")
+            pub_proto, pub_ds = pub_protocols.get((ref_paper, ref_table, r, c), ("", ""))
+            pub = Setting(pub_ds or protocol_dataset(pub_proto), pub_proto) if ref is not None else Setting("", "")
             cells[(r, c)] = CellResult(r, c, entries, m.protocol, cell, ref, m.kind != "none", fl,
-                                       run_setting(results, cell, m.protocol), pub)
+                                       run_setting(results, cell, m.protocol), pub, m.key)
     return TableResult(view, rows + list(labels), cols, cells, list(labels))
 
 
@@ -212,11 +229,15 @@ def decimals(ref: RefValue | None, default: int = 1) -> int:
     return len(ref.printed.split(".", 1)[1])
 
 
+def fmt_unit(unit: str) -> str:
+    """A unit as cells print it: accuracy bare, ``M params`` as ``M``, others as written."""
+    return {"%": "", "pp": "", "M params": "M", "k params": "k"}.get(unit, unit)
+
+
 def fmt_ref(ref: RefValue | None, digits: int) -> str:
     if ref is None:
         return "–"
-    unit = {"%": "", "pp": ""}.get(ref.unit, ref.unit if ref.unit != "M params" else "M")
-    return f"{ref.value:.{digits}f}{unit}"
+    return f"{ref.value:.{digits}f}{fmt_unit(ref.unit)}"
 
 
 def cell_text(cr: CellResult, compare: bool, flag_ids: dict[Flag, int], uniform: tuple[Any, Any] | None) -> str:
@@ -231,6 +252,12 @@ def cell_text(cr: CellResult, compare: bool, flag_ids: dict[Flag, int], uniform:
     if cr.cell is None:
         return f"not run ({pub})" if (compare and cr.ref is not None) else "not run"
     c = cr.cell
+    if isinstance(c, ValueCell):  # a recorded number: no samples, no interval
+        val = f"{c.value:.{max(d, 2) if c.unit == 'x' else d}f}{fmt_unit(c.unit)}"
+        delta = cr.delta
+        if compare and delta is not None:
+            return f"{val} ({pub}, {delta:+.{d}f})"
+        return f"{val} ({pub})" if compare and cr.ref is not None else val
     multi = isinstance(c, SeedCell) and len(c.cells) > 1
     val = f"{100 * c.acc:.{d}f}" + (f" ± {100 * c.std:.{d}f}" if multi else "")
     delta = cr.delta

@@ -8,6 +8,7 @@ does for shape). Plots, heatmaps and the training-time table are declared the sa
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 import tomllib
 from dataclasses import dataclass
@@ -24,9 +25,10 @@ _EPS = re.compile(r"^\d*\.?\d+$")
 @dataclass
 class Measure:
     """How one cell is computed from a run's per-sample outcomes."""
-    kind: Literal["clean", "robust", "none"] = opt(
+    kind: Literal["clean", "robust", "meta", "none"] = opt(
         "robust", help="clean: attack 'clean'; robust: all-or-nothing over the selected attacks; "
-                       "none: not measured by robbench (published value shown alone)")
+                       "meta: a number the evaluation run recorded in its meta (key, scale, unit; e.g. EED's "
+                       "measured speed-up); none: not measured by robbench (published value shown alone)")
     protocol: str = opt("", help="protocol of the run (default: the view's protocol)")
     eps: float | None = opt(None, min=0.0, help="eps of the outcomes (robust measures)")
     attacks: list[str] = opt(["*"], help="fnmatch patterns over the protocol's attack ids, AND-ed "
@@ -34,8 +36,14 @@ class Measure:
     steps: int | None = opt(None, min=0, help="only the outcomes recorded after this many iterations "
                                               "(an attack's record_steps); default: every step count")
     member: int = opt(-1, min=-1, help="-1 = the whole model; j = member j")
+    key: str = opt("", help="meta measures: dotted path in the evaluation run's meta, e.g. 'eed_cost.flops_speedup'")
+    scale: float = opt(1.0, help="meta measures: the recorded value is multiplied by this (1e-6: parameters in M)")
+    unit: str = opt("", help="meta measures: unit of the scaled value, as protocols/reference/<paper>.csv "
+                             "writes it ('x', 'M params'); a published value is differenced only in the same unit")
 
     def validate(self, file: str) -> None:
+        if self.kind == "meta" and not self.key:
+            raise ConfigError("a meta measure names the recorded number: key = 'a.b'", file=file, field="key")
         for i, p in enumerate(self.attacks):
             if "@" in p:
                 raise ConfigError(f"{p!r}: attack patterns name attack ids only; select a step count with "
@@ -48,6 +56,8 @@ class View:
     table: str = opt(help="table id in protocols/reference/<paper>.csv (or the view's own id)")
     title: str = opt(help="caption")
     protocol: str = opt("", help="default protocol of the cells")
+    dataset: str = opt("", help="dataset of the published numbers (default: the protocol's only dataset; "
+                                "needed where the protocol covers several, e.g. eed-suite)")
     reference: str = opt("", help="'paper:table' whose published numbers the cells show (default: own)")
     compare: bool = opt(True, help="false: published numbers are from another setting (the digits demo) "
                                    "and are shown beside, not differenced")
@@ -99,8 +109,7 @@ class View:
         else:
             m = Measure(kind="none")
         if not m.protocol:
-            m = Measure(kind=m.kind, protocol=self.protocol, eps=m.eps, attacks=list(m.attacks), steps=m.steps,
-                        member=m.member)
+            m = dataclasses.replace(m, protocol=self.protocol, attacks=list(m.attacks))
         return m
 
 

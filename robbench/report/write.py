@@ -262,9 +262,9 @@ class PaperReport:
 
     def _published_dataset(self, view: View) -> str:
         ref_p, ref_t = view.ref_paper_table
-        for (p, t, _r, _c), proto in sorted(published_protocols(self.spec).items()):
-            if (p, t) == (ref_p, ref_t) and protocol_dataset(proto):
-                return protocol_dataset(proto)
+        for (p, t, _r, _c), (proto, dataset) in sorted(published_protocols(self.spec).items()):
+            if (p, t) == (ref_p, ref_t) and (dataset or protocol_dataset(proto)):
+                return dataset or protocol_dataset(proto)
         return ""
 
     # ----------------------------------------------------------------------------- heatmaps
