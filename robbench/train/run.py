@@ -125,7 +125,10 @@ def train_entry(spec: str, overrides: list[str] | None = None, device: str | Non
         damage = run.damage()
         if damage is not None and not fresh:
             raise damage
-        reason = damage.detail if damage is not None else (stale_reason(run, entry, runs_dir) if run.exists() else None)
+        if damage is not None:  # with --fresh: moved aside like a stale run, said in one line
+            reason: str | None = f"{Path(damage.file).name if damage.file else 'the run'} is unusable ({damage.reason})"
+        else:
+            reason = stale_reason(run, entry, runs_dir) if run.exists() else None
         if reason and not fresh:
             raise CheckpointError(f"{reason}; rerun with --fresh to move it aside and train anew",
                                   file=str(run.manifest_path))
