@@ -16,7 +16,10 @@ jobs hits all alike), median of ``--reps`` after one warm-up. Random CIFAR-shape
 (the CIFAR variant's network; ``--arch``/``--width`` change it); the memory format is chosen by
 robbench.memformat for each model (contiguous on CPUs whose channels_last gradients are wrong).
 
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/xie_step.py [--steps 10] [--batch 64] [--reps 5]
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/xie_step.py [--steps 10] [--batch 64] [--reps 5]
+
+On a CPU shared with other jobs use one thread: with 2 threads on 2 busy cores every pass ran ~10x slower
+and the MBN comparison swung from -14% to +20% between configurations.
 """
 from __future__ import annotations
 
