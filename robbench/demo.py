@@ -3,7 +3,8 @@
 Trains every demo zoo entry (``paper = "demo"``: baseline, ADP, GAL, DVERGE, AdvT, Ensemble-in-One and
 the hold-out surrogates) in dependency order, derives and fine-tunes the Ensemble-in-One path, runs the
 scaled demo protocols (black-box, white-box, transferability; every scaled value is declared in
-``protocols/demo-*.toml``) and writes the report. Each step skips finished work (complete runs, done
+``protocols/demo-*.toml``), runs the EED pipeline (AT base, 12 pruned sub-models, robust-diversity
+selection, team, dynamic inference: :mod:`robbench.eed.pipeline`) and writes the report. Each step skips finished work (complete runs, done
 protocol runs, committed batches), so an interrupted demo resumes where it stopped.
 
 ``smallest=True`` is the end-to-end test size: two epochs per entry, two inner attack/distillation steps
@@ -23,17 +24,24 @@ from robbench.errors import ConfigError
 from robbench.paths import PROTOCOLS_DIR, ZOO_DIR, results_db, runs_dir as default_runs_dir
 
 DEMO_PAPER = "demo"
-PROTOCOL_ORDER = ("transfer", "whitebox", "transferability")  # black-box first: its sets are cached for all
+# The protocols the demo runs on its DVERGE and Ensemble-in-One entries, black-box first (its transfer
+# sets are cached for all). Named, not discovered: every demo protocol costs minutes of the 15-minute
+# budget, and the EED part runs its own (demo-eed, inside robbench.eed.pipeline). demo-autoattack is for
+# your own models (README, "Bring your own model"); AutoAttack on every demo entry would double the demo.
+DEMO_PROTOCOLS = ("demo-blackbox", "demo-whitebox", "demo-transferability")
 EIO_DERIVED_TAG = "eio-finetuned"   # entries fine-tuned from paths derived from an RGN (robbench derive)
 EIO_PATHS = 1                       # one derived model: the EIO tables' '/1' rows (preprint Tables 3-4)
 # Not attacked by the demo: the random gated networks themselves (their white-box evaluation needs EOT,
 # 20 draws per gradient: minutes per 8 samples on a CPU) and the raw derived path before fine-tuning.
 # The papers report the derived, fine-tuned model ('EIO/1'), which the demo evaluates.
 SKIP_TAGS = {"rgn", "eio-derived"}
-# Not trained by the demo: the EED and Xie & Yuille digits entries (robbench train them one by one, see
-# docs/eed.md and docs/xie.md). Together they take far over the demo's 15-minute budget on 2 CPU cores,
-# and the EED team needs its robust-diversity selection run first.
+# Not in the demo's own training loop: the EED entries (trained, evaluated and selected by the EED
+# pipeline below, in its order: AT base, pool, robust-diversity selection, team) and the Xie & Yuille
+# entries (their own part below). Neither is attacked by DEMO_PROTOCOLS.
 NOT_IN_DEMO_TAGS = {"eed", "xie"}
+EED_PREFIX = "demo_eed"
+# the smallest size's EED pool: two importance scores on one data subset (the full demo: 4 x 3)
+SMALLEST_EED = {"scores": ("nis", "ase"), "subsets": (0,)}
 SMALLEST_EPOCHS = 2
 SMALLEST_N = 8
 # inner attack/distillation steps at the smallest size, applied where the entry's method has the option
@@ -69,13 +77,16 @@ def demo_entries() -> list[dict[str, Any]]:
 
 
 def demo_protocols() -> list[str]:
-    found = []
-    for name in list_protocols(PROTOCOLS_DIR):
+    """:data:`DEMO_PROTOCOLS`, each checked to exist and to be a demo protocol."""
+    known = set(list_protocols(PROTOCOLS_DIR))
+    for name in DEMO_PROTOCOLS:
+        if name not in known:
+            raise ConfigError("protocol file missing", file=str(PROTOCOLS_DIR / f"{name}.toml"))
         data, _ = load_raw(name, PROTOCOLS_DIR, "protocol")
-        if data.get("paper") == DEMO_PAPER:
-            found.append((PROTOCOL_ORDER.index(data["kind"]) if data.get("kind") in PROTOCOL_ORDER else
-                          len(PROTOCOL_ORDER), name))
-    return [n for _, n in sorted(found)]
+        if data.get("paper") != DEMO_PAPER:
+            raise ConfigError(f"the demo runs only paper = {DEMO_PAPER!r} protocols", file=str(PROTOCOLS_DIR / f"{name}.toml"),
+                              field="paper")
+    return list(DEMO_PROTOCOLS)
 
 
 def smallest_overrides(method: str) -> list[str]:
@@ -143,15 +154,31 @@ def run_demo(out: str | Path = "reports/demo", smallest: bool = False, device: s
         evaluate_protocol(proto, targets, n=n, device=device, runs_dir=runs, db=store, data_root=data_root,
                           quiet=True, memory_format=memory_format)
     _say(f"evaluation done at {time.perf_counter() - t0:.0f}s")
+
+    from robbench.eed.pipeline import run_pipeline
+
+    _say("EED: AT base, pruned pool, robust-diversity selection, team and dynamic inference (robbench.eed.pipeline)")
+    run_pipeline(EED_PREFIX, runs_dir=runs, db=store, device=device, data_root=data_root,
+                 memory_format=memory_format, fresh=True, say=_say,
+                 **({"overrides": _smallest_eed_overrides, "n": SMALLEST_N, **SMALLEST_EED} if smallest else {}))
+    _say(f"EED done at {time.perf_counter() - t0:.0f}s")
     index = write_report(paper=DEMO_PAPER, out=out, db=store, runs_dir=runs, fmt="md")
     _say(f"report written to {index} ({time.perf_counter() - t0:.0f}s in all)")
     return index
 
 
+def _smallest_eed_overrides(name: str) -> list[str]:
+    """The smallest size for every EED entry: two epochs and two attack steps (every EED method has
+    ``adv_steps``)."""
+    return [f"train.epochs={SMALLEST_EPOCHS}", f"train.params.adv_steps={SMALLEST_PARAMS['adv_steps']}"]
+
+
 def demo_targets(protocol: str, runs: Path, n: int | None) -> list[str]:
-    """Trained entries the protocol applies to, minus :data:`SKIP_TAGS`."""
+    """Trained entries the protocol applies to, minus :data:`SKIP_TAGS` and the EED and Xie entries
+    (their parts evaluate them with their own protocols)."""
     from robbench.evaluate.engine import trained_entries
     from robbench.evaluate.protocol import load_protocol
 
     proto = load_protocol(protocol, n=n)
-    return [name for name, e in trained_entries(runs) if proto.applies(e) and not set(e.tags) & SKIP_TAGS]
+    return [name for name, e in trained_entries(runs) if proto.applies(e)
+            and not set(e.tags) & (SKIP_TAGS | NOT_IN_DEMO_TAGS)]

@@ -32,6 +32,9 @@ def test_demo_smallest_end_to_end(tmp_path: Path) -> None:
         assert p in protos, p
     assert {"demo_baseline_x3", "demo_dverge_x3", "demo_eio_ft_path0"} <= set(
         done[done["protocol"] == "demo-blackbox"]["entry"])
+    # the EED part: base, pool and both team deployments evaluated with demo-eed
+    eed = set(done[done["protocol"] == "demo-eed"]["entry"])
+    assert {"demo_eed_at", "demo_eed_nis_0", "demo_eed_ase_0", "demo_eed_team", "demo_eed_team_mean"} <= eed, eed
     n_runs, n_rows = len(done), sum(st.count_outcomes(int(r)) for r in done["run_id"])
     st.close()
 
@@ -39,6 +42,10 @@ def test_demo_smallest_end_to_end(tmp_path: Path) -> None:
     for row in ("baseline/3", "ADP/3", "GAL/3", "DVERGE/3", "AdvT/3", "EIO/1"):
         line = next(l for l in text.splitlines() if l.startswith(f"| {row} |"))
         assert "not run" not in line, line  # every demo row has numbers
+    # EED's digits table: the team's accuracy, and its speed-up and kept parameters from the masks
+    team = next(l for l in text.splitlines() if l.startswith("| ResNet18/EED(ours) |"))
+    cells = [c.strip() for c in team.split("|")[2:6]]
+    assert "not run" not in team and cells[2].split()[0].endswith("x") and cells[3].split()[0].endswith("k"), team
     pngs = sorted((out / "demo").glob("*.png"))
     names = {p.name for p in pngs}
     assert {"curves_blackbox.png", "curves_whitebox.png", "training_curves.png",

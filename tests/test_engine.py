@@ -682,3 +682,27 @@ n_iter = 3
     updates.clear()
     _ev(p, ["t_one"], runs, tmp_path, db="q.db", memory_format="contiguous")  # quiet
     assert "autoattack:" not in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ bounded commit units
+
+def test_units_are_cut_to_bounded_time_without_changing_a_result(runs: Path, tmp_path: Path, monkeypatch):
+    """A slow device (here: a measured pass of 1 s per sample) cuts the protocol's 10-sample batches into
+    units of ~30 s, each committed on its own, so a kill loses at most one; every outcome equals the
+    uncut run's. An attack seeded per call is never cut (its draws depend on the batch)."""
+    from robbench.evaluate.plan import plan_attacks
+    from robbench.evaluate.protocol import load_protocol
+
+    proto = _proto(tmp_path, "wb", WB)
+    whole = _ev(proto, ["t_one"], runs, tmp_path, "whole.db")["t_one"]
+    monkeypatch.setattr(engine, "seconds_per_sample_pass", lambda *a, **k: 1.0)
+    cut = _ev(proto, ["t_one"], runs, tmp_path, "cut.db")["t_one"]
+    with Store(tmp_path / "whole.db") as s:
+        assert s.run(whole)["meta"]["unit_samples"] == 10 and len(s.done_batches(whole)) == 2 * 4
+    with Store(tmp_path / "cut.db") as s:
+        # PGD-3 x 2 restarts at one eps: 8 passes per sample -> 3 samples (24 s) per unit
+        assert s.run(cut)["meta"]["unit_samples"] == 3 and len(s.done_batches(cut)) == 2 * 14
+    pd.testing.assert_frame_equal(_rows(tmp_path / "cut.db", cut), _rows(tmp_path / "whole.db", whole))
+
+    assert engine.batching_invariant(plan_attacks(load_protocol(proto)))
+    assert not engine.batching_invariant(plan_attacks(load_protocol("demo-autoattack")))

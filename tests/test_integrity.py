@@ -590,3 +590,21 @@ def test_sub_batched_units_give_the_same_outcomes(trained: Path, monkeypatch: py
     assert set(skips) == {b * 7 * 64 for b in range(6)}
     assert whole == small and len(whole) == 40 * (1 + 4)
     assert (whole_keys, small_keys) == (2, 2 * 6)  # clean + pgd per batch: 1 batch vs ceil(40/7) = 6
+
+
+def test_unknown_entry_creates_no_store(runs: Path, tmp_path: Path) -> None:
+    """The targets are resolved before the store is opened: a wrong name leaves no new database."""
+    db = tmp_path / "fresh" / "r.db"
+    r = cli("evaluate", "--protocol", "demo-whitebox", "nope_not_an_entry", "--device", "cpu", "--runs-dir",
+            str(runs), "--db", str(db), cwd=tmp_path)
+    assert_one_line_error(r, "nope_not_an_entry")
+    assert not db.exists() and not db.parent.exists()
+
+
+def test_report_out_that_is_a_file_is_one_line(evaluated: Path, trained: Path, tmp_path: Path) -> None:
+    out = tmp_path / "report.txt"
+    out.write_text("keep me")
+    r = cli("report", "--paper", "demo-whitebox", "--db", str(evaluated), "--runs-dir", str(trained), "--out",
+            str(out), "--no-screenshot", cwd=tmp_path)
+    assert_one_line_error(r, "report.txt")
+    assert out.read_text() == "keep me"

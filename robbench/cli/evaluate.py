@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import click
 
+from robbench.cli.catalog import SET_PROTOCOL_HELP
 from robbench.cli.common import memory_format_option, user_errors
 
 
@@ -12,7 +13,7 @@ from robbench.cli.common import memory_format_option, user_errors
 @click.option("--n", type=int, default=None, help="number of samples (override)")
 @click.option("--eps", type=str, default=None, help="comma-separated eps list (override)")
 @click.option("--batch-size", type=int, default=None, help="samples per batch (override the protocol's batch_size)")
-@click.option("--set", "overrides", multiple=True, help="override a protocol field: key=value")
+@click.option("--set", "overrides", multiple=True, help=SET_PROTOCOL_HELP)
 @click.option("--force", is_flag=True, help="redo a finished protocol run")
 @click.option("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA when present)")
 @click.option("--runs-dir", type=click.Path(), default=None, help="runs folder (default $ROBBENCH_RUNS or ./runs)")

@@ -26,14 +26,16 @@ from typing import Any, Callable, Sequence
 import torch
 
 from robbench.attacks.autoattack import streaming as autoattack_streaming
+from robbench.checkpoint import RunDir
 from robbench.data import load_split
 from robbench.data.subsets import indices_sha256
 from robbench.device import pick_device
 from robbench.distributed import DistEnv
 from robbench.errors import UserError
 from robbench.evaluate.commit import Committer, RunRecord, init_distributed
-from robbench.evaluate.execute import Batch, BatchState, Executor, TransferSets, Work
-from robbench.evaluate.plan import TargetPlan, Unit, and_groups, groups_record, plan_attacks, plan_target
+from robbench.evaluate.execute import Batch, BatchState, Executor, TransferSets, Work, seconds_per_sample_pass
+from robbench.evaluate.plan import (PlannedAttack, TargetPlan, Unit, and_groups, groups_record, plan_attacks,
+                                    plan_target, unit_samples)
 from robbench.evaluate.protocol import Protocol, load_protocol
 from robbench.evaluate.sources import SourceOptions, SourceSets
 from robbench.evaluate.targets import Target, load_target, resolve_targets, select_samples, trained_entries
@@ -93,12 +95,16 @@ def evaluate_protocol(protocol: str | Protocol, entries: Sequence[str] | None = 
     else:
         proto = load_protocol(protocol, list(overrides or []), n=n, eps=eps, batch_size=batch_size)
     dist_env, device = init_distributed(device)
+    # the targets first: a wrong entry name is one line and leaves no new store behind
+    say = (lambda msg: None) if quiet or not dist_env.is_main else (lambda msg: print(msg, flush=True))
+    names = resolve_targets(proto, list(entries or []), runs_dir, say=say)
+    for name in names:  # a named run that is not there: its one line before any store exists
+        RunDir(runs_dir, name).read_manifest()
     settings = Settings(dist_env, pick_device(device), runs_dir, data_root,
                         Path(cache_root) if cache_root is not None else None, force, quiet, memory_format,
                         Store(db) if dist_env.is_main else None)
     silent = settings.quiet or not dist_env.is_main
     try:
-        names = resolve_targets(proto, list(entries or []), runs_dir, say=settings.say)
         with contextlib.ExitStack() as stack:
             if silent:  # AutoAttack's live lines follow the engine's own output
                 stack.enter_context(autoattack_streaming(None))
@@ -139,15 +145,17 @@ def evaluate_target(proto: Protocol, name: str, settings: Settings) -> int:
     attacks = plan_attacks(proto)
     sources = list(proto.sources) if any(a.on == "sources" for a in attacks) else []
     early_stop = proto.early_stop and proto.aggregation == "all_or_nothing"
-    plan = plan_target(attacks, ids, proto.batch_size, len(t.members), sources)
+    meta = _run_meta(proto, t, ids, settings, early_stop, groups_record(and_groups(attacks, sources)))
+    meta["unit_samples"] = _unit_size(proto, t, data, ids, attacks, settings)
     record = RunRecord(settings.store, settings.dist)
     record.start({"entry": name, "checkpoint_sha256": t.checkpoint_sha256, "protocol": proto.name,
                   "protocol_sha256": proto.sha256(), "overrides": proto.overrides, "seed": proto.seed},
-                 _run_meta(proto, t, ids, settings, early_stop, groups_record(and_groups(attacks, sources))),
-                 settings.force)
+                 meta, settings.force)
     if record.status == "done":
         settings.say(f"{name}: {proto.name} already done (run {record.run_id}); --force to redo")
         return record.run_id
+    # a resumed run keeps the unit it started with, so its committed keys are the plan's
+    plan = plan_target(attacks, ids, proto.batch_size, len(t.members), sources, unit=record.unit_samples(proto.batch_size))
     done, committed = record.committed()
     work = Work()
     committer = Committer(settings.store, record.run_id, settings.dist)
@@ -158,12 +166,33 @@ def evaluate_target(proto: Protocol, name: str, settings: Settings) -> int:
                                      settings.say, settings.progress)
             sets = SourceSets(proto, [a for a in attacks if a.on == "sources"], settings.dist, work,
                               settings.cache_root).ensure(t, data, ids, src_opts)
-        _execute(plan, Executor(proto, t, work, early_stop), _Run(t, data, done, committed, committer, settings), sets)
+        _execute(plan, Executor(proto, t, work, early_stop, unit=plan.unit), _Run(t, data, done, committed, committer, settings), sets)
         record.finish({"attack_warnings": sorted(set(work.warnings)), "work": work.record()})
     except BaseException as e:
         record.fail(e)
         raise
     return record.run_id
+
+
+def batching_invariant(attacks: Sequence[PlannedAttack]) -> bool:
+    """Whether every attack crafted on the target (or its members) gives each sample the same result in
+    any sample batch: its only randomness is a start drawn from generators continued over the samples
+    (``stream_init``). Transfer attacks read stored sets per sample and never matter here."""
+    return all(a.caps.stream_init for a in attacks if a.on != "sources")
+
+
+def _unit_size(proto: Protocol, t: Target, data: Any, ids: list[int], attacks: Sequence[PlannedAttack],
+               settings: Settings) -> int:
+    """Samples per committed unit: the protocol's batch size, cut so the costliest unit takes about
+    30 s on this device (:func:`~robbench.evaluate.plan.unit_samples`), so a kill loses at most that.
+    Only where the cut cannot change a result (:func:`batching_invariant`): an attack seeded per call
+    (AutoAttack, DI or L2 starts) draws per batch, and its outcomes would depend on the unit size."""
+    if not batching_invariant(attacks) or not ids:
+        return proto.batch_size
+    x, y = data.get(ids[:min(len(ids), proto.batch_size, 32)])
+    per_pass = seconds_per_sample_pass(t.model, t.fmt.prepare(x.to(settings.device)), y.to(settings.device))
+    return unit_samples(attacks, proto.batch_size, len(t.members), per_pass,
+                        proto.eot_samples if t.randomized else 1)
 
 
 @dataclass

@@ -21,7 +21,7 @@ import robbench.report.leaderboard as lb
 import robbench.report.training as training
 from robbench.errors import ConfigError
 from robbench.outcomes import CLEAN_ATTACK, FINAL
-from robbench.paths import results_db
+from robbench.paths import check_writable_dir, ensure_dir, results_db
 from robbench.paths import runs_dir as default_runs
 from robbench.report.flags import Flag, compute_flags, flags_frame
 from robbench.report.measures import wilson
@@ -484,6 +484,8 @@ def build_report(paper: str = "all", out: str | Path = "reports", db: str | Path
     if fmt not in FORMATS:
         raise ConfigError(f"unknown format {fmt!r}; allowed: {', '.join(FORMATS)}", field="--format")
     out = Path(out)
+    check_writable_dir(out, "report folder")  # a file there, or a read-only folder: one line, nothing written
+    ensure_dir(out)
     results = Results(db or results_db(), runs_dir or default_runs())
     spec, papers, everything = resolve_pages(paper, views, results)
     flags = compute_flags(results)
