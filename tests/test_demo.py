@@ -35,6 +35,10 @@ def test_demo_smallest_end_to_end(tmp_path: Path) -> None:
     # the EED part: base, pool and both team deployments evaluated with demo-eed
     eed = set(done[done["protocol"] == "demo-eed"]["entry"])
     assert {"demo_eed_at", "demo_eed_nis_0", "demo_eed_ase_0", "demo_eed_team", "demo_eed_team_mean"} <= eed, eed
+    # the Xie & Yuille part: every entry attacked with demo-xie, every iteration count from one run
+    from robbench.demo import XIE_ENTRIES
+
+    assert set(XIE_ENTRIES) <= set(done[done["protocol"] == "demo-xie"]["entry"])
     n_runs, n_rows = len(done), sum(st.count_outcomes(int(r)) for r in done["run_id"])
     st.close()
 
@@ -46,6 +50,8 @@ def test_demo_smallest_end_to_end(tmp_path: Path) -> None:
     team = next(l for l in text.splitlines() if l.startswith("| ResNet18/EED(ours) |"))
     cells = [c.strip() for c in team.split("|")[2:6]]
     assert "not run" not in team and cells[2].split()[0].endswith("x") and cells[3].split()[0].endswith("k"), team
+    xie = next(l for l in text.splitlines() if l.startswith("| 100% adv + 0% clean |"))
+    assert "not run" not in xie, xie
     pngs = sorted((out / "demo").glob("*.png"))
     names = {p.name for p in pngs}
     assert {"curves_blackbox.png", "curves_whitebox.png", "training_curves.png",
