@@ -453,3 +453,25 @@ def test_meta_measures_show_recorded_costs_and_difference_only_in_the_same_unit(
     assert t.cells[("ResNet18/AT", "CIFAR-10/Clean")].cell.acc == pytest.approx(0.8)  # accuracy cells as before
     # a run that recorded no cost is 'not run' for that column, never zero
     assert t.cells[("ResNet18/HYDRA", "CIFAR-10/Speed up")].status == "not run"
+
+
+def test_published_iteration_curves_pair_with_the_reproduced_series(tmp_path: Path) -> None:
+    """Xie's PGD-2000 curves: Table 7's published PGD-20/100/500/2000 of an entry's row are drawn dashed on
+    the same series as its reproduced pgd2000 curve; PGD-10 (another attack, step eps/10) is not on it."""
+    from robbench.report import figures
+    from robbench.report.reference import published
+    from robbench.report.results import Results
+    from robbench.report.views import load_views
+    from robbench.report.write import PaperReport
+
+    spec = load_views()
+    it = next(i for i in spec.iterations if i.protocol == "xie-pgd2000")
+    t7 = next(v for v in spec.view if v.paper == "xie" and v.table == "7")
+    label, entry = next((r, e) for r, e in t7.rows.items() if e)
+    rep = PaperReport("xie", spec, Results(tmp_path / "none.db", tmp_path / "runs"), [], tmp_path, "md")
+    mine = [figures.Series("pgd2000 (ε 0.0627)", [20, 2000], [50.0, 40.0]), figures.Series("pgd10 (ε 0.0627)", [10], [60.0])]
+    (pub,) = rep._published_iterations(it, entry, mine)
+    assert pub.published and pub.name == "pgd2000 (ε 0.0627)"
+    want = [(k, published("xie", "7", label, f"PGD-{k}")) for k in (20, 100, 500, 2000)]
+    assert list(zip(pub.xs, pub.ys)) == [(k, r.value) for k, r in want if r is not None]
+    assert rep._published_iterations(it, "not_a_row_entry", mine) == []

@@ -129,6 +129,9 @@ class Iterations:
     protocol: str = opt(help="protocol whose attacks record accuracy after several step counts (record_steps)")
     title: str = opt("Accuracy vs attack iterations")
     eps: float | None = opt(None, help="only outcomes at this eps (default: all)")
+    published_view: str = opt("", help="table id of a [[view]] of this paper: for each run its rows name, the "
+                                       "view's published numbers are drawn dashed, each column at its "
+                                       "measure's step count on the series of its measure's attack")
 
 
 @dataclass

@@ -28,7 +28,7 @@ from robbench.report.measures import wilson
 from robbench.report.reference import published, table_layout
 from robbench.report.results import Results
 from robbench.report.tables import (MEASURE, OWN_MARK, UNIT, TableResult, build_table, cell_text, decimals, fmt_ref,
-                                    method_of, protocol_dataset, published_protocols, size_of)
+                                    method_of, protocol_dataset, published_protocols, size_of, view_layout)
 from robbench.report.pages import resolve_pages
 from robbench.report.views import Heatmap, Iterations, TrainingTime, View, ViewsFile
 from robbench.store import transfer_matrix
@@ -303,6 +303,33 @@ class PaperReport:
                 self.md += [f"- `{run.entry}`: n={n}", ""]
 
     # --------------------------------------------------------------------------- iterations
+    def _published_iterations(self, spec: Iterations, entry: str, series: list[figures.Series]) -> list[figures.Series]:
+        """Dashed published curves for ``entry`` from ``spec.published_view``: each column whose measure
+        names a step count is a point at that count, on the reproduced series of the measure's attack."""
+        if not spec.published_view:
+            return []
+        view = next((v for v in self.spec.view if v.paper == spec.paper and v.table == spec.published_view), None)
+        if view is None or view.protocol != spec.protocol:
+            return []
+        label = next((r for r, e in view.rows.items() if e == entry), None)
+        if label is None:
+            return []
+        ref_p, ref_t = view.ref_paper_table
+        points: dict[str, list[tuple[int, float]]] = {}
+        for column in view_layout(view)[1]:
+            m = view.measure(column)
+            ref = published(ref_p, ref_t, label, column)
+            if m.kind != "robust" or m.steps is None or len(m.attacks) != 1 or ref is None or ref.unit != "%":
+                continue
+            points.setdefault(m.attacks[0], []).append((m.steps, ref.value))
+        out = []
+        for attack, pts in points.items():
+            same = [s for s in series if s.name.startswith(f"{attack} (") and not s.published]
+            if same and len(pts) > 1:
+                pts.sort()
+                out.append(figures.Series(same[0].name, [x for x, _ in pts], [y for _, y in pts], published=True))
+        return out
+
     def iteration_curves(self, spec: Iterations) -> None:
         runs = self.results.runs_of(spec.protocol)
         self.md += [f"## {spec.title}", "", f"Protocol `{spec.protocol}`: accuracy (%, all-or-nothing over the "
@@ -335,6 +362,7 @@ class PaperReport:
                                                 "series": label, "eps": e, "steps": s, "measure": MEASURE,
                                                 "unit": UNIT, "accuracy": round(100 * kn[0] / kn[1], 4), "n": kn[1],
                                                 "seed": run.seed, "run_id": run.run_id})
+            series += self._published_iterations(spec, run.entry, series)
             if series:
                 panels.append((run.entry, series))
         if panels and self.draw:
