@@ -198,20 +198,22 @@ class DataSpec:
 
 @dataclass
 class OptimizerSpec:
-    name: Literal["sgd", "adam"] = "sgd"
+    name: Literal["sgd", "adam", "rmsprop"] = "sgd"
     lr: float = opt(0.1, min=0.0)
     momentum: float = opt(0.9, min=0.0, max=1.0)
     weight_decay: float = opt(1e-4, min=0.0)
     nesterov: bool = False
-    eps: float = opt(1e-8, min=0.0, help="Adam epsilon (ADP/GAL reference: 1e-7)")
+    eps: float = opt(1e-8, min=0.0, help="Adam / RMSProp epsilon (ADP/GAL reference: 1e-7)")
+    alpha: float = opt(0.99, min=0.0, max=1.0, help="RMSProp: decay of the squared-gradient average")
     per_member: bool = opt(True, help="one optimizer per member (DVERGE baseline/dverge/advt) or one joint")
 
 
 @dataclass
 class ScheduleSpec:
-    name: Literal["multistep", "cosine", "constant"] = "multistep"
+    name: Literal["multistep", "cosine", "constant", "exponential"] = "multistep"
     milestones: list[int] = opt([100, 150])
     gamma: float = opt(0.1, min=0.0, max=1.0)
+    every: int = opt(1, min=1, help="exponential: multiply by gamma every this many epochs (staircase)")
     warmup_epochs: int = opt(0, min=0)
 
 

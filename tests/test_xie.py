@@ -562,3 +562,24 @@ def test_demo_protocol_scales_the_papers_attack():
     assert pgd["step_size"] == pytest.approx(p.eps[0] / 16)          # alpha = 1 at eps = 16
     assert pgd["record_steps"] == [10, 20, 50, 100, 200]
     assert a["pgd10"].params["step_size"] == pytest.approx(p.eps[0] / 10)  # max(alpha, eps / N) at N = 10
+
+
+def test_table3_original_alp_settings_build_rmsprop_with_staircase_decay():
+    """Table 3 row 1: the original ALP optimizer (RMSProp; decay 0.9, momentum 0.9, epsilon 1.0 from the
+    ALP code) and its lr schedule, 0.045 x 0.94 every two epochs, staircase."""
+    import torch
+
+    from robbench.config import load_entry
+    from robbench.train.loop import build_optimizers
+    from robbench.train.schedule import lr_at
+
+    e = load_entry("xie_resnet101_alp_pgd10_original")
+    net = torch.nn.Linear(3, 2)
+    (opt,) = build_optimizers(net, [net], e.train.optimizer)
+    g = opt.param_groups[0]
+    assert isinstance(opt, torch.optim.RMSprop) and (g["alpha"], g["eps"], g["momentum"], g["lr"]) == (0.9, 1.0, 0.9, 0.045)
+    s = e.train.schedule
+    assert [lr_at(s, 0.045, ep, 220) for ep in (0, 1, 2, 3, 4, 219)] == pytest.approx(
+        [0.045, 0.045, 0.045 * 0.94, 0.045 * 0.94, 0.045 * 0.94 ** 2, 0.045 * 0.94 ** 109])
+    assert e.method_params.adv_steps == 10 and e.method_params.adv_clean_start_prob == 0.0
+    assert e.model.options["depth"] == 101 and e.data.batch_size == 48 * 32

@@ -55,6 +55,9 @@ def build_optimizers(model: nn.Module, members: list[nn.Module], spec: Optimizer
         if spec.name == "sgd":
             out.append(torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay,
                                        nesterov=spec.nesterov))
+        elif spec.name == "rmsprop":
+            out.append(torch.optim.RMSprop(params, lr=spec.lr, alpha=spec.alpha, eps=spec.eps, momentum=spec.momentum,
+                                           weight_decay=spec.weight_decay))
         else:
             out.append(torch.optim.Adam(params, lr=spec.lr, weight_decay=spec.weight_decay, eps=spec.eps))
     return out

@@ -12,12 +12,15 @@ def lr_factor(spec: ScheduleSpec, epoch: int, epochs: int) -> float:
     references' ``scheduler.step()`` after each training epoch).
 
     multistep: gamma ** (number of milestones <= epoch) (MultiStepLR); cosine: CosineAnnealingLR's closed
-    form with T_max = epochs - warmup; constant: 1. A linear warm-up over ``warmup_epochs`` multiplies it.
+    form with T_max = epochs - warmup; exponential: gamma ** floor(epoch / every) (staircase decay, e.g.
+    ALP's 0.94 every two epochs); constant: 1. A linear warm-up over ``warmup_epochs`` multiplies it.
     """
     w = spec.warmup_epochs
     warm = (epoch + 1) / w if epoch < w else 1.0
     if spec.name == "multistep":
         f = spec.gamma ** sum(1 for m in spec.milestones if m <= epoch)
+    elif spec.name == "exponential":
+        f = spec.gamma ** (max(0, epoch - w) // spec.every)
     elif spec.name == "cosine":
         t_max = max(1, epochs - w)
         f = 0.5 * (1 + math.cos(math.pi * max(0, epoch - w) / t_max))
