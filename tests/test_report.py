@@ -475,3 +475,21 @@ def test_published_iteration_curves_pair_with_the_reproduced_series(tmp_path: Pa
     want = [(k, published("xie", "7", label, f"PGD-{k}")) for k in (20, 100, 500, 2000)]
     assert list(zip(pub.xs, pub.ys)) == [(k, r.value) for k, r in want if r is not None]
     assert rep._published_iterations(it, "not_a_row_entry", mine) == []
+
+
+def test_digits_demo_tables_of_eed_and_xie_are_also_on_their_papers_pages(tmp_path: Path) -> None:
+    """`report --paper eed` / `--paper xie` show the digits tables the demo fills, beside the paper's own."""
+    from robbench.report import build_report
+
+    out = build_report(paper="all", out=tmp_path / "rep", db=tmp_path / "none.db", runs_dir=tmp_path / "runs",
+                       screenshot=False)
+    assert out.files
+    eed = (tmp_path / "rep" / "eed" / "README.md").read_text()
+    xie = (tmp_path / "rep" / "xie" / "README.md").read_text()
+    demo = (tmp_path / "rep" / "demo" / "README.md").read_text()
+    for page in (eed, demo):
+        assert "Digits demo of EED" in page
+    for page in (xie, demo):
+        assert "Digits: clean accuracy and targeted-PGD accuracy vs iterations per strategy" in page
+        assert "Digits: accuracy vs targeted-PGD iterations (demo-xie" in page
+    assert "Digits demo of EED" not in xie and "Digits: MBN statistics" not in eed

@@ -69,6 +69,8 @@ class View:
     measures: dict[str, Any] = opt({}, help="column label -> measure table; default: 'clean' -> clean, "
                                             "a number -> robust at that eps, anything else -> none")
     curves: bool = opt(False, help="also plot accuracy vs eps, one panel per ensemble size ('X/N' rows)")
+    also_on: list[str] = opt([], help="further report pages that show this view (e.g. a digits demo table also "
+                                      "on its paper's page)")
     own_runs: bool = opt(True, help="also list every entry the store has for the view's protocol that no view "
                                     "row names (a user's own models), under the paper's rows")
     note: str = opt("", help="one line printed under the table")
@@ -129,6 +131,7 @@ class Iterations:
     protocol: str = opt(help="protocol whose attacks record accuracy after several step counts (record_steps)")
     title: str = opt("Accuracy vs attack iterations")
     eps: float | None = opt(None, help="only outcomes at this eps (default: all)")
+    also_on: list[str] = opt([], help="further report pages that show these curves")
     published_view: str = opt("", help="table id of a [[view]] of this paper: for each run its rows name, the "
                                        "view's published numbers are drawn dashed, each column at its "
                                        "measure's step count on the series of its measure's attack")

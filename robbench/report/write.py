@@ -452,14 +452,14 @@ class PaperReport:
         self.md += [f"# {self.info.title}", ""]
         if self.info.intro:
             self.md += [self.info.intro, ""]
-        views = [v for v in self.spec.view if v.paper == self.paper]
+        views = [v for v in self.spec.view if v.paper == self.paper or self.paper in v.also_on]
         for v in views:
             self.table(v)
         for h in self.spec.heatmap:
             if h.paper == self.paper:
                 self.heatmaps(h)
         for it in self.spec.iterations:
-            if it.paper == self.paper:
+            if it.paper == self.paper or self.paper in it.also_on:
                 self.iteration_curves(it)
         for tt in self.spec.training_time:
             if tt.paper == self.paper:
@@ -606,10 +606,10 @@ def _paper_protocols(spec: ViewsFile, papers: list[str]) -> set[str]:
     """Protocols the papers' pages read (their leaderboard is restricted to them)."""
     out = set()
     for v in spec.view:
-        if v.paper in papers:
+        if v.paper in papers or set(v.also_on) & set(papers):
             out |= {v.measure(c).protocol for c in list(v.columns) + list(v.measures)} | {v.protocol}
     out |= {h.protocol for h in spec.heatmap if h.paper in papers}
-    out |= {i.protocol for i in spec.iterations if i.paper in papers}
+    out |= {i.protocol for i in spec.iterations if i.paper in papers or set(i.also_on) & set(papers)}
     return {p for p in out if p}
 
 
