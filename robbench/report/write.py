@@ -367,7 +367,7 @@ class PaperReport:
                 panels.append((run.entry, series))
         if panels and self.draw:
             paths = figures.line_panels(panels, "attack iterations", figures.ACCURACY_LABEL,
-                                        self.folder / f"iterations_{slug(spec.protocol)}", xlog=True)
+                                        self.folder / f"iterations_{slug(spec.protocol)}", xlog=True, ncols=4)
             self.figure(paths, "accuracy vs iterations")
         rows = [r for r in self.iterations if r["protocol"] == spec.protocol]
         if rows:
