@@ -513,9 +513,9 @@ def build_report(paper: str = "all", out: str | Path = "reports", db: str | Path
         raise ConfigError(f"unknown format {fmt!r}; allowed: {', '.join(FORMATS)}", field="--format")
     out = Path(out)
     check_writable_dir(out, "report folder")  # a file there, or a read-only folder: one line, nothing written
-    ensure_dir(out)
     results = Results(db or results_db(), runs_dir or default_runs())
     spec, papers, everything = resolve_pages(paper, views, results)
+    ensure_dir(out)  # only once the pages are known: a wrong --paper leaves no folder behind
     flags = compute_flags(results)
     summaries = []
     written: list[Path] = []
