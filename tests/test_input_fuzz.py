@@ -79,7 +79,7 @@ ZOO_BAD = [
     ("data.augment", WORDS),
     ("data.dataset", ["nope_xyz", 0]),
     ("train.optimizer.lr", [math.nan, -0.1, "fast", math.inf]),
-    ("train.optimizer.name", ["rmsprop"]),
+    ("train.optimizer.name", ["adagrad"]),
     ("train.schedule.gamma", [2.0, math.nan]),
     ("model.bogus_key", [1]),
     ("data.shuffle_mode", ["x"]),
