@@ -51,16 +51,24 @@ def _loads(v: Any, default: Any) -> Any:
         return default
 
 
-def all_or_nothing_counts(df: pd.DataFrame, attacks: list[str], eps: float | None, member: int = -1,
-                          steps: int | None = None) -> tuple[int, int] | None:
-    """(correct under every outcome key of the listed attacks, samples) at ``eps`` (``steps``: only the
-    keys recorded after that many iterations); ``None`` if no outcome matches. Callers with a run use
-    :meth:`Results.aon_counts`, which memoizes this."""
+def select_outcomes(df: pd.DataFrame, attacks: list[str], eps: float | None, member: int = -1,
+                    steps: int | None = None) -> pd.DataFrame:
+    """The outcome rows of the listed attacks for ``member`` (``steps``: only those recorded after that
+    many iterations; ``eps``: only that eps, within EPS_TOL)."""
     sub = df[(df["member"] == member) & df["attack"].isin(attacks)]
     if steps is not None:
         sub = sub[sub["steps"] == steps]
     if eps is not None:
         sub = sub[np.isclose(sub["eps"].astype(float), eps, rtol=0, atol=EPS_TOL)]
+    return sub
+
+
+def all_or_nothing_counts(df: pd.DataFrame, attacks: list[str], eps: float | None, member: int = -1,
+                          steps: int | None = None) -> tuple[int, int] | None:
+    """(correct under every outcome key of the listed attacks, samples) at ``eps`` (``steps``: only the
+    keys recorded after that many iterations); ``None`` if no outcome matches. Callers with a run use
+    :meth:`Results.aon_counts`, which memoizes this."""
+    sub = select_outcomes(df, attacks, eps, member, steps)
     if sub.empty:
         return None
     res = all_or_nothing(sub, attacks=None, members=[member])
@@ -132,12 +140,7 @@ class Results:
         gives the clean outcomes."""
         if self.aon_counts(run, attacks, eps, member, steps) is None and attacks != ["clean"]:
             return None
-        df = self.outcomes(run)
-        sub = df[(df["member"] == member) & df["attack"].isin(attacks)]
-        if steps is not None:
-            sub = sub[sub["steps"] == steps]
-        if eps is not None:
-            sub = sub[np.isclose(sub["eps"].astype(float), eps, rtol=0, atol=EPS_TOL)]
+        sub = select_outcomes(self.outcomes(run), attacks, eps, member, steps)
         if sub.empty:
             return None
         return sub.groupby("sample")["correct"].min().sort_index().to_numpy(dtype=np.int8)
