@@ -174,10 +174,15 @@ class ViewsFile:
                 if not isinstance(v, dict):
                     raise ConfigError("expected a table", file=file, field=f"papers.{k}")
                 self.papers[k] = parse_dataclass(PaperInfo, v, file=file, prefix=f"papers.{k}")
-        for i, v in enumerate(self.view):
-            if v.paper not in self.papers:
-                raise ConfigError(f"paper {v.paper!r} has no [papers.{v.paper}] table; known: "
-                                  f"{', '.join(sorted(self.papers))}", file=file, field=f"view[{i}].paper")
+
+
+def _check_view_papers(views: ViewsFile, files: list[tuple[Path, int]]) -> None:
+    """Every view names a paper with a ``[papers.<id>]`` table somewhere in the folder (a paper's later
+    tables may live in their own file); ``files[i]`` is (file, index in that file) of view i."""
+    for v, (file, i) in zip(views.view, files):
+        if v.paper not in views.papers:
+            raise ConfigError(f"paper {v.paper!r} has no [papers.{v.paper}] table; known: "
+                              f"{', '.join(sorted(views.papers))}", file=str(file), field=f"view[{i}].paper")
 
 
 def views_path() -> Path:
@@ -194,14 +199,18 @@ def load_views(path: Path | None = None) -> ViewsFile:
     is an error, since which one wins would otherwise depend on file names."""
     path = Path(path) if path is not None else views_path()
     if not path.is_dir():
-        return _load_views_file(path)
+        single = _load_views_file(path)
+        _check_view_papers(single, [(path, i) for i in range(len(single.view))])
+        return single
     files = sorted(path.glob("*.toml"))
     if not files:
         raise ConfigError("no views files (*.toml) in this folder", file=str(path))
     merged = ViewsFile()
     origin: dict[str, Path] = {}
+    view_files: list[tuple[Path, int]] = []
     for f in files:
         part = _load_views_file(f)
+        view_files.extend((f, i) for i in range(len(part.view)))
         for name in ("view", "heatmap", "iterations", "training_time", "leaderboard_exclude"):
             getattr(merged, name).extend(getattr(part, name))
         for name in ("papers", "headline_eps"):
@@ -211,6 +220,7 @@ def load_views(path: Path | None = None) -> ViewsFile:
                                       file=str(f), field=f"{name}.{key}")
                 getattr(merged, name)[key] = value
                 origin[f"{name}.{key}"] = f
+    _check_view_papers(merged, view_files)
     return merged
 
 
