@@ -393,13 +393,21 @@ def test_report_without_a_store_shows_published_numbers(tmp_path: Path) -> None:
 
 
 def test_views_folder_combines_files_and_refuses_a_key_set_twice(tmp_path):
-    """The views folder is one file per paper; a heading two files both define is refused with both files."""
+    """The views folder is one file per paper (a paper's later tables may have files of their own); a heading
+    two files both define is refused with both files; a view whose paper has no heading anywhere is refused."""
     from robbench.errors import ConfigError
-    from robbench.report.views import load_views, views_path
+    from robbench.report.views import _load_views_file, load_views, views_path
 
     spec = load_views()
     assert {"dverge", "eio", "eed", "xie", "demo"} <= set(spec.papers)
-    assert len(spec.view) == sum(len(load_views(f).view) for f in views_path().glob("*.toml"))
+    assert len(spec.view) == sum(len(_load_views_file(f).view) for f in views_path().glob("*.toml"))
+    assert [v.table for v in spec.view if v.paper == "eed"][-1] == "9"  # name order keeps paper order
+    (tmp_path / "orphan").mkdir()
+    (tmp_path / "orphan" / "a.toml").write_text('[papers.x]\ntitle = "X"\n')
+    (tmp_path / "orphan" / "b.toml").write_text('[[view]]\npaper = "y"\ntable = "1"\ntitle = "t"\n'
+                                                'protocol = "p"\ncolumns = []\n')
+    with pytest.raises(ConfigError, match=r"b\.toml.*view\[0\]\.paper.*'y' has no \[papers\.y\]"):
+        load_views(tmp_path / "orphan")
     for name in ("a.toml", "b.toml"):
         (tmp_path / name).write_text('[papers.x]\ntitle = "X"\n')
     with pytest.raises(ConfigError, match=r"b\.toml.*papers\.x.*also set in .*a\.toml"):

@@ -40,14 +40,33 @@ def headline_eps(protocol: str, available: list[float], configured: dict[str, fl
     return available[(len(available) - 1) // 2]
 
 
-def forward_passes(results: Results, run: RunInfo, cfg: dict[str, Any], member: int | None) -> int | None:
-    """Forward passes per prediction: the engine's record, else 1 for a picked member, else the ensemble size."""
+def measured_members_per_sample(results: Results, run: RunInfo) -> float | None:
+    """Members a dynamic-inference team (EED's DIE) evaluated per sample, as measured on the clean test set
+    into run meta ``eed_cost``: this run's record, else another run of the same entry (the measurement does
+    not depend on the protocol)."""
+    candidates = [run] + [r for r in results.runs.values() if r.entry == run.entry and r is not run]
+    for r in candidates:
+        cost = r.meta.get("eed_cost")
+        if isinstance(cost, dict) and cost.get("members_per_sample") is not None:
+            return float(cost["members_per_sample"])
+    return None
+
+
+def forward_passes(results: Results, run: RunInfo, cfg: dict[str, Any], member: int | None) -> float | None:
+    """Forward passes (member networks) per prediction: the engine's record, else 1 for a picked member, else
+    the members a dynamic team measured per sample, else the ensemble size (an EED team entry holds its
+    members inside one network, so its size is ``model.options.size``)."""
     for key in ("forward_passes", "num_forward_passes"):
         if key in run.meta:
-            return int(run.meta[key])
+            return float(run.meta[key])
     if member is not None:
         return 1
+    measured = measured_members_per_sample(results, run)
+    if measured is not None:
+        return measured
     model = cfg.get("model", {}) if isinstance(cfg, dict) else {}
+    if model.get("arch") == "eed_team" and "size" in (model.get("options") or {}):
+        return int(model["options"]["size"])
     return int(model["members"]) if "members" in model else None
 
 
@@ -134,7 +153,9 @@ def _fmt(v: Any, spec: str = ".1f") -> str:
 
 
 def _fwd(v: Any) -> str:
-    return "?" if v is None or pd.isna(v) else format(int(v), "d")
+    if v is None or pd.isna(v):
+        return "?"
+    return format(int(v), "d") if float(v).is_integer() else format(float(v), ".2f")
 
 
 HEADER = ["#", "entry", "origin", "robust accuracy % [95% CI]", "clean accuracy %", "n", "fwd passes", "params",
@@ -143,7 +164,9 @@ INTRO = ("Per protocol, dataset and sample set, entries ranked by all-or-nothing
          "protocol's headline eps (ties: clean accuracy). Runs on different sample sets are ranked in separate "
          "tables, never together: each table names its sample set (sha256 of the sample ids, and the rule that "
          "drew them). 95% Wilson intervals; `origin`: trained by robbench or imported (weights brought in); "
-         "`fwd passes` = forward passes per prediction; `checkpoint` = sha256 prefix of model.safetensors; "
+         "`fwd passes` = member networks evaluated per prediction (a dynamic-inference team: the mean measured on "
+         "the clean test set); `params` = parameters the model deploys (pruning masks counted: only kept weights; "
+         "pruning scores and masks themselves are not parameters); `checkpoint` = sha256 prefix of model.safetensors; "
          "`date` = when the evaluation finished.")
 
 
@@ -241,7 +264,7 @@ def to_html(df: pd.DataFrame) -> str:
             tds = [_td(str(r.rank), r.rank, True), _td(r.entry, r.entry), _td(r.origin, r.origin, inner=origin),
                    _td(robust, r.robust, True), _td(_fmt(r.clean), -1 if pd.isna(r.clean) else r.clean, True),
                    _td(str(r.n), r.n, True), _td(_fwd(r.forward_passes), -1 if pd.isna(r.forward_passes) else
-                                                 int(r.forward_passes), True),
+                                                 float(r.forward_passes), True),
                    _td(_params(r.params), -1 if pd.isna(r.params) else int(r.params), True),
                    _td("", r.checkpoint_sha256, inner=f"<code title=\"{e(r.checkpoint_sha256)}\">"
                                                      f"{e(r.checkpoint_sha256[:12])}</code>"),

@@ -20,6 +20,25 @@ from robbench.store import Store, all_or_nothing, latest_runs
 EPS_TOL = 1e-9
 
 
+# State-dict leaves that are not deployed parameters: BN statistics, and the pruning scores / rates / masks
+# of robbench.pruning (its measure.TRAINING_ONLY and the mask buffer).
+NOT_PARAMETERS = ("running_mean", "running_var", "num_batches_tracked", "scores", "k_score", "mask")
+
+
+def _mask_nonzeros(path: Path, keys: list[str]) -> dict[str, int]:
+    """Non-zero count of each named tensor of a safetensors file (an unreadable file counts nothing)."""
+    from safetensors import safe_open
+
+    out: dict[str, int] = {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            for k in keys:
+                out[k] = int(f.get_tensor(k).count_nonzero())
+    except (OSError, ValueError, RuntimeError):
+        return {}
+    return out
+
+
 @dataclass(frozen=True)
 class RunInfo:
     run_id: Any
@@ -191,7 +210,9 @@ class Results:
         return out
 
     def param_count(self, entry: str) -> int | None:
-        """Parameters in model.safetensors, read from its header (no tensor is loaded)."""
+        """Parameters the model deploys, read from model.safetensors: the header gives shapes (no tensor
+        is loaded) except for pruned layers, whose ``mask`` buffers are read to count the weights kept.
+        BN statistics, pruning scores and masks are not parameters."""
         p = self.runs_dir / entry / WEIGHTS
         try:
             with open(p, "rb") as fh:
@@ -199,15 +220,20 @@ class Results:
                 header = json.loads(fh.read(n))
         except (FileNotFoundError, ValueError, struct.error):
             return None
+        shapes = {k: v.get("shape", []) for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)}
+        masked = {k[:-len(".mask")] + ".weight": k for k in shapes
+                  if k.endswith(".mask") and k[:-len(".mask")] + ".weight" in shapes}
+        kept = _mask_nonzeros(p, list(masked.values())) if masked else {}
         total = 0
-        for k, v in header.items():
-            if k == "__metadata__" or not isinstance(v, dict):
-                continue
+        for k, shape in shapes.items():
             name = k.rsplit(".", 1)[-1]
-            if name in ("running_mean", "running_var", "num_batches_tracked"):
-                continue  # buffers, not parameters
+            if name in NOT_PARAMETERS:
+                continue
+            if k in masked and masked[k] in kept:
+                total += kept[masked[k]]
+                continue
             numel = 1
-            for d in v.get("shape", []):
+            for d in shape:
                 numel *= int(d)
             total += numel
         return total
