@@ -63,8 +63,7 @@ def demo_entries() -> list[dict[str, Any]]:
         data, _ = load_raw(name, ZOO_DIR, "zoo entry")
         if data.get("paper") == DEMO_PAPER and not NOT_IN_DEMO_TAGS & set(data.get("tags", [])):
             train = data.get("train") or {}
-            raw[name] = {"name": name, "tags": list(data.get("tags", [])), "init_from": train.get("init_from"),
-                         "method": train.get("method", "baseline")}
+            raw[name] = {"name": name, "tags": list(data.get("tags", [])), "init_from": train.get("init_from")}
     order: list[str] = []
 
     def visit(n: str, stack: tuple[str, ...] = ()) -> None:
@@ -96,17 +95,19 @@ def demo_protocols() -> list[str]:
     return list(DEMO_PROTOCOLS)
 
 
-def smallest_overrides(method: str) -> list[str]:
-    """``--set`` overrides of the end-to-end test size: fewer epochs and inner steps (only the options
-    the method has)."""
+def smallest_overrides(name: str) -> list[str]:
+    """``--set`` overrides of zoo entry ``name`` at the end-to-end test size: fewer epochs and inner steps
+    (only the options its method has). An entry with ``train.epochs = 0`` deploys another entry's weights
+    (e.g. Xie's MBN_clean) and stays untrained."""
     import dataclasses
 
     from robbench.registry import METHODS
 
-    params = METHODS.params(method)
+    train = load_raw(name, ZOO_DIR, "zoo entry")[0].get("train") or {}
+    params = METHODS.params(train.get("method", "baseline"))
     names = {f.name for f in dataclasses.fields(params)} if params is not None else set()
-    return [f"train.epochs={SMALLEST_EPOCHS}"] + [f"train.params.{k}={v}" for k, v in sorted(SMALLEST_PARAMS.items())
-                                                 if k in names]
+    epochs = [] if train.get("epochs") == 0 else [f"train.epochs={SMALLEST_EPOCHS}"]
+    return epochs + [f"train.params.{k}={v}" for k, v in sorted(SMALLEST_PARAMS.items()) if k in names]
 
 
 def _say(msg: str) -> None:
@@ -135,16 +136,18 @@ def run_demo(out: str | Path = "reports/demo", smallest: bool = False, device: s
         store = Path(db) if db is not None else results_db()
     t0 = time.perf_counter()
 
+    def train(name: str) -> None:
+        _say(f"train {name}")
+        # fresh: a demo run left by an older demo config is moved aside (kept) and retrained
+        train_entry(name, overrides=smallest_overrides(name) if smallest else [], device=device, runs_dir=runs,
+                    data_root=data_root, progress=False, fresh=True, memory_format=memory_format)
+
     entries = demo_entries()
     if not entries:
         raise ConfigError(f"no zoo entry with paper = {DEMO_PAPER!r}", file=str(ZOO_DIR), field="paper")
     for e in entries:
-        if EIO_DERIVED_TAG in e["tags"]:
-            continue  # trained by derive_paths below, once its RGN exists
-        _say(f"train {e['name']}")
-        # fresh: a demo run left by an older demo config is moved aside (kept) and retrained
-        train_entry(e["name"], overrides=smallest_overrides(e["method"]) if smallest else [], device=device,
-                    runs_dir=runs, data_root=data_root, progress=False, fresh=True, memory_format=memory_format)
+        if EIO_DERIVED_TAG not in e["tags"]:  # a derived path is trained by derive_paths below, once its RGN exists
+            train(e["name"])
     for e in entries:
         if EIO_DERIVED_TAG in e["tags"]:
             # deriving is cheap and gives the same bytes for the same RGN, so a finished fine-tune is
@@ -167,29 +170,18 @@ def run_demo(out: str | Path = "reports/demo", smallest: bool = False, device: s
     _say("EED: AT base, pruned pool, robust-diversity selection, team and dynamic inference (robbench.eed.pipeline)")
     run_pipeline(EED_PREFIX, runs_dir=runs, db=store, device=device, data_root=data_root,
                  memory_format=memory_format, fresh=True, say=_say,
-                 **({"overrides": _smallest_eed_overrides, "n": SMALLEST_N, **SMALLEST_EED} if smallest else {}))
+                 **({"overrides": smallest_overrides, "n": SMALLEST_N, **SMALLEST_EED} if smallest else {}))
     _say(f"EED done at {time.perf_counter() - t0:.0f}s")
 
     _say(f"Xie & Yuille: train {len(XIE_ENTRIES)} entries, evaluate {XIE_PROTOCOL}")
     for name in XIE_ENTRIES:
-        train_cfg = load_raw(name, ZOO_DIR, "zoo entry")[0].get("train", {})
-        over = smallest_overrides(train_cfg.get("method", "baseline")) if smallest else []
-        if train_cfg.get("epochs") == 0:  # a deployment of another entry's weights (MBN_clean): stays untrained
-            over = [o for o in over if not o.startswith("train.epochs=")]
-        train_entry(name, overrides=over, device=device, runs_dir=runs,
-                    data_root=data_root, progress=False, fresh=True, memory_format=memory_format)
+        train(name)
     evaluate_protocol(XIE_PROTOCOL, list(XIE_ENTRIES), n=SMALLEST_N if smallest else None, device=device,
                       runs_dir=runs, db=store, data_root=data_root, quiet=True, memory_format=memory_format)
     _say(f"Xie & Yuille done at {time.perf_counter() - t0:.0f}s")
     index = write_report(paper=DEMO_PAPER, out=out, db=store, runs_dir=runs, fmt="md")
     _say(f"report written to {index} ({time.perf_counter() - t0:.0f}s in all)")
     return index
-
-
-def _smallest_eed_overrides(name: str) -> list[str]:
-    """The smallest size for every EED entry: two epochs and two attack steps (every EED method has
-    ``adv_steps``)."""
-    return [f"train.epochs={SMALLEST_EPOCHS}", f"train.params.adv_steps={SMALLEST_PARAMS['adv_steps']}"]
 
 
 def demo_targets(protocol: str, runs: Path, n: int | None) -> list[str]:
