@@ -117,3 +117,73 @@ def test_die_thresholds_at_the_extremes_and_gradients_follow_the_prefix():
     assert torch.allclose(out, _team(rows, inference="mean")(x), atol=1e-6)
     out.sum().backward()
     assert x.grad is not None and x.grad[:, 1].abs().sum() > 0
+
+
+def test_max_combiner_is_the_renormalised_per_class_max_by_hand():
+    # one sample, two members, 3 classes; probabilities chosen by hand through their logs
+    pa = torch.tensor([0.7, 0.2, 0.1])
+    pb = torch.tensor([0.1, 0.3, 0.6])
+    x = torch.zeros(1, 2)
+    rows = [pa.log().unsqueeze(0), pb.log().unsqueeze(0)]
+    out = _team(rows, inference="mean", combiner="max")(x).exp()[0]
+    # per-class max = (0.7, 0.3, 0.6), sum 1.6
+    assert torch.allclose(out, torch.tensor([0.7 / 1.6, 0.3 / 1.6, 0.6 / 1.6]), atol=1e-6)
+    mean = _team(rows, inference="mean")(x).exp()[0]
+    assert torch.allclose(mean, torch.tensor([0.4, 0.25, 0.35]), atol=1e-6)
+    assert out.argmax() == 0 and mean.argmax() == 0
+    # logits reading: per-class max of the logits (log-probabilities here), then softmax = the same as
+    # the probability reading for log-probability rows; other logits differ from it
+    lg = _team(rows, inference="mean", combiner="max", max_of="logits")(x).exp()[0]
+    assert torch.allclose(lg, out, atol=1e-6)
+    za, zb = torch.tensor([[2.0, 0.0, 1.0]]), torch.tensor([[0.0, 3.0, -1.0]])
+    lg = _team([za, zb], inference="mean", combiner="max", max_of="logits")(x).exp()[0]
+    assert torch.allclose(lg, torch.softmax(torch.tensor([2.0, 3.0, 1.0]), 0), atol=1e-6)
+    pr = _team([za, zb], inference="mean", combiner="max")(x).exp()[0]
+    m = torch.maximum(torch.softmax(za[0], 0), torch.softmax(zb[0], 0))
+    assert torch.allclose(pr, m / m.sum(), atol=1e-6) and not torch.allclose(pr, lg, atol=1e-3)
+
+
+def test_die_with_the_max_combiner_stops_on_the_running_max():
+    confident = torch.tensor([[8.0, 0.0], [0.5, 0.0]])
+    second = torch.tensor([[8.0, 0.0], [0.0, 3.0]])
+    x = torch.stack([torch.tensor([0.0, 0.0]), torch.tensor([1.0, 0.0])])
+    team = _team([confident, second], inference="die", combiner="max", tau_conf=0.9, tau_kl=10.0)
+    out = team(x)
+    assert team.last_members_used.tolist() == [1, 2]
+    assert torch.allclose(out[0].exp(), torch.softmax(confident[0], 0), atol=1e-6)
+    m = torch.maximum(torch.softmax(confident[1], 0), torch.softmax(second[1], 0))
+    assert torch.allclose(out[1].exp(), m / m.sum(), atol=1e-6)
+    # never stopping early = the full max team
+    rows = [torch.randn(4, 3) for _ in range(3)]
+    xs = torch.stack([torch.tensor([float(i), 0.1]) for i in range(4)])
+    for of in ("probs", "logits"):
+        die = _team(rows, inference="die", combiner="max", max_of=of, tau_conf=1.01)(xs)
+        full = _team(rows, inference="mean", combiner="max", max_of=of)(xs)
+        assert torch.allclose(die, full, atol=1e-6)
+
+
+@pytest.mark.parametrize("inference", ["mean", "die"])
+def test_attacks_run_through_the_max_combiner(inference):
+    from robbench.attacks.core import iterative_attack
+    from robbench.config import ModelSpec, parse_dataclass
+    from robbench.data import get_info
+    from robbench.models.eed_team import eed_team
+
+    torch.manual_seed(0)
+    info = get_info("digits")
+    spec = ModelSpec(arch="eed_team", width=0.25)
+    o = parse_dataclass(TeamOptions, {"base_arch": "resnet20", "base_options": {}, "size": 2,
+                                      "inference": inference, "combiner": "max", "tau_conf": 0.5},
+                        file="t", prefix="model.options")
+    team = eed_team(spec, info, o).eval()
+    x = torch.rand(6, 1, 8, 8)
+    y = torch.randint(0, 10, (6,))
+    xg = x.clone().requires_grad_(True)
+    torch.nn.functional.nll_loss(team(xg), y).backward()
+    assert xg.grad is not None and xg.grad.abs().sum() > 0  # gradients reach the input through the max
+    res = iterative_attack(team, x, y, 0.1, steps=5, step_size=0.025)
+    adv = res.x_adv
+    assert (adv - x).abs().max() <= 0.1 + 1e-6 and (adv - x).abs().max() > 0
+    before = torch.nn.functional.nll_loss(team(x), y)
+    after = torch.nn.functional.nll_loss(team(adv), y)
+    assert after > before  # the attack ascends the max-combined loss

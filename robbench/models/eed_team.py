@@ -10,6 +10,15 @@ inference rules (EED §4.4):
   (notes §B) is binary: q_t = 1[max y^t >= tau_conf and (t = 1 or KL(y^t || y^{t-1}) <= tau_kl)], the
   last member always stops, so z = the first t that passes (a Wisdom-of-Committees cascade, WoC ref [41]).
 
+The combiner (``combiner``) is how the members' outputs become the team's: ``'mean'`` (default; §4.2
+"the final output is calculated using the average combiner", the mean of member probabilities) or
+``'max'`` (supp. B.4 / Table 7 "the maximum combiner"). The extracted text loses B.4's formula; the
+reading is the per-class max (Kuncheva's maximum rule) over the same member outputs the average combines,
+i.e. probabilities: m_j = max_i p_i^j, renormalised to a distribution (``max_of = 'probs'``, default);
+``max_of = 'logits'`` is the per-class max of the logits, then softmax. The renormalisation changes no
+prediction and is what a cross-entropy on the output computes anyway; it makes DIE's confidence and KL
+read a distribution. DIE uses the same combiner for y^t (the running combination of the first t members).
+
 DIE runs member t only on the samples still undecided, so its cost per sample is the number of members
 it evaluated (``last_members_used``). Gradients flow through each sample's chosen prefix; the stopping
 decision is computed without gradient (treated as fixed), which is what an attack on the deployed model
@@ -43,6 +52,10 @@ class TeamOptions:
     tau_conf: float = opt(0.9, min=0.0, max=1.0, help="DIE: stop when max mean probability >= tau_conf "
                                                       "(robbench default; EED gives no value)")
     tau_kl: float = opt(0.1, min=0.0, help="DIE: and KL(y^t || y^{t-1}) <= tau_kl (robbench default; EED gives none)")
+    combiner: Literal["mean", "max"] = opt("mean", help="'mean': average of member probabilities (EED §4.2); "
+                                                        "'max': per-class max (supp. B.4, Table 7)")
+    max_of: Literal["probs", "logits"] = opt("probs", help="max combiner: per-class max of probabilities "
+                                                           "(default reading) or of logits; renormalised")
 
     def validate(self, file: str) -> None:
         if self.base_arch == "eed_team":
@@ -65,8 +78,11 @@ class TeamNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.options.inference == "mean":
-            probs = torch.stack([F.softmax(z, dim=1) for z in self.member_logits(x)]).mean(0)
+            logits = self.member_logits(x)
             self.last_members_used = torch.full((x.shape[0],), len(self.nets), device=x.device)
+            if self.options.combiner == "max":
+                return combine_max(logits, self.options.max_of)
+            probs = torch.stack([F.softmax(z, dim=1) for z in logits]).mean(0)
             return torch.log(probs.clamp_min(LOG_CLAMP))
         return self.dynamic(x)
 
@@ -77,12 +93,21 @@ class TeamNet(nn.Module):
         active = torch.arange(n, device=x.device)
         out: torch.Tensor | None = None
         used = torch.zeros(n, dtype=torch.long, device=x.device)
-        carry: torch.Tensor | None = None  # running sum of probabilities of the active samples
-        prev: torch.Tensor | None = None   # previous running mean (no grad)
+        # running state of the active samples: the sum of probabilities (mean combiner) or the per-class
+        # max of probabilities / logits (max combiner)
+        carry: torch.Tensor | None = None
+        prev: torch.Tensor | None = None   # previous running combination (no grad)
+        use_max, of_logits = o.combiner == "max", o.max_of == "logits"
         for t, net in enumerate(self.nets):
-            p = F.softmax(net(x[active]), dim=1)
-            total = p if carry is None else carry + p
-            mean = total / (t + 1)
+            z = net(x[active])
+            if use_max:
+                p = z if of_logits else F.softmax(z, dim=1)
+                total = p if carry is None else torch.maximum(carry, p)
+                mean = F.softmax(total, dim=1) if of_logits else total / total.sum(1, keepdim=True)
+            else:
+                p = F.softmax(z, dim=1)
+                total = p if carry is None else carry + p
+                mean = total / (t + 1)
             if t == last:
                 stop = torch.ones(len(active), dtype=torch.bool, device=x.device)
             else:
@@ -104,6 +129,16 @@ class TeamNet(nn.Module):
         self.last_members_used = used
         assert out is not None
         return torch.log(out.clamp_min(LOG_CLAMP))
+
+
+def combine_max(logits: list[torch.Tensor], max_of: str = "probs") -> torch.Tensor:
+    """The max combiner as log-probabilities: per-class max over members of the probabilities
+    (``'probs'``) or of the logits (``'logits'``), renormalised (module docstring)."""
+    stacked = torch.stack(logits)
+    if max_of == "logits":
+        return F.log_softmax(stacked.amax(0), dim=1)
+    m = F.softmax(stacked, dim=2).amax(0)
+    return torch.log((m / m.sum(1, keepdim=True)).clamp_min(LOG_CLAMP))
 
 
 @ARCHITECTURES.register("eed_team", params=TeamOptions)
