@@ -13,13 +13,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from robbench import zoo_family
 from robbench.errors import ConfigError
-from robbench.paths import PROTOCOLS_DIR, ZOO_DIR
+from robbench.paths import PROJECT_ROOT, PROTOCOLS_DIR, ZOO_DIR
 from robbench.registry import ARCHITECTURES, METHODS
 from robbench.schema import config_hash, opt, parse_dataclass, parse_options, to_dict
 
 # the option machinery lives in robbench.schema; these names are part of this module's interface
-__all__ = ["ZooEntry", "apply_overrides", "blame_override", "check_conflicts", "config_hash", "deep_merge", "list_entries", "list_protocols",
+__all__ = ["ZooEntry", "apply_overrides", "blame_override", "check_conflicts", "config_hash", "deep_merge", "entry_exists",
+           "list_entries", "list_protocols",
            "load_entry", "load_raw", "opt", "parse_dataclass", "parse_options", "parse_override", "resolve_entry",
            "resolve_path", "to_dict"]
 
@@ -27,6 +29,8 @@ __all__ = ["ZooEntry", "apply_overrides", "blame_override", "check_conflicts", "
 # ----------------------------------------------------------------------------------------------
 # Files, extends and overrides
 # ----------------------------------------------------------------------------------------------
+
+ZOO_KIND = "zoo entry"  # the ``kind`` under which load_raw also finds family members
 
 def _read_toml(path: Path) -> dict[str, Any]:
     try:
@@ -67,7 +71,7 @@ def resolve_path(spec: str, directory: Path, kind: str, *, file: str | None = No
     cand = directory / f"{name}.toml"
     if cand.is_file():
         return cand
-    known = sorted(q.stem for q in directory.glob("*.toml"))
+    known = _known_names(directory, kind)
     close = difflib.get_close_matches(name, known, n=3)
     hint = f"did you mean {', '.join(close)}?" if close else f"known ({len(known)}): {', '.join(known[:12])}" + (
         ", ..." if len(known) > 12 else "")
@@ -75,9 +79,69 @@ def resolve_path(spec: str, directory: Path, kind: str, *, file: str | None = No
                       file=file or str(directory), field=field)
 
 
+def _known_names(directory: Path, kind: str) -> list[str]:
+    """The names an error lists as known: file entries, and for the zoo the derived ones too."""
+    if kind != ZOO_KIND:
+        return sorted(q.stem for q in directory.glob("*.toml"))
+    try:
+        return list_entries(directory)
+    except ConfigError:  # a broken family file: its own error comes when it is used
+        return sorted(q.stem for q in directory.glob("*.toml") if not zoo_family.is_family_file(q))
+
+
+def _family_member(spec: str, directory: Path) -> tuple[zoo_family.Family, str] | None:
+    """The family and member suffix that derive zoo entry ``spec``, or None when a file of that name
+    exists (a file always wins) or no family derives it. ``dir/NAME`` looks in ``dir`` first."""
+    p = Path(spec)
+    if p.is_file() or p.with_suffix(".toml").is_file():
+        return None
+    name = p.name[:-5] if p.name.endswith(".toml") else p.name
+    dirs = [p.parent] if p.parent != Path(".") and p.parent.is_dir() else []
+    for d in (*dirs, directory):
+        if (d / f"{name}.toml").is_file():
+            return None
+        hit = zoo_family.index(d).get(name)
+        if hit is not None:
+            return hit
+    return None
+
+
+def _derived_raw(fam: zoo_family.Family, suffix: str, kind: str,
+                 _chain: tuple[str, ...]) -> tuple[dict[str, Any], Path]:
+    """A family member: its source entry merged as any file entry, the references between members
+    renamed into the derived chain, then the family's overrides (the ``--set`` code), in that order."""
+    source = f"{fam.source}_{suffix}"
+    base, _ = load_raw(source, fam.file.parent, kind, _chain)
+    data = zoo_family.rename_refs(base, fam.rename())
+    name = f"{fam.target}_{suffix}"
+    data["name"] = name
+    if fam.description:
+        data["description"] = f"{data.get('description', '')} [{fam.description}]".strip()
+    if fam.tags:
+        tags = data.get("tags", [])
+        data["tags"] = list(dict.fromkeys([*(tags if isinstance(tags, list) else [tags]), *fam.tags]))
+    for key, value in fam.overrides_of(suffix):
+        _set_key(data, key.split("."), value, file=str(fam.file), text=key)
+    try:
+        shown = str(fam.file.resolve().relative_to(PROJECT_ROOT))
+    except ValueError:
+        shown = str(fam.file.resolve())
+    data["_family"] = {"file": shown, "sha256": fam.sha256, "from_entry": source}
+    return data, fam.file
+
+
 def load_raw(spec: str, directory: Path, kind: str, _chain: tuple[str, ...] = ()) -> tuple[dict[str, Any], Path]:
-    """Read a TOML file and merge its ``extends`` chain (the parent is named like any entry)."""
+    """Read a TOML file and merge its ``extends`` chain (the parent is named like any entry). A zoo
+    entry no file holds may be a family member (``zoo/*.family.toml``, :mod:`robbench.zoo_family`)."""
+    if kind == ZOO_KIND:
+        hit = _family_member(spec, directory)
+        if hit is not None:
+            return _derived_raw(*hit, kind, _chain)
     path = resolve_path(spec, directory, kind)
+    if kind == ZOO_KIND and zoo_family.is_family_file(path):
+        members = sorted(n for n, (f, _) in zoo_family.index(path.parent).items() if f.file == path)
+        raise ConfigError(f"a family file derives entries, it is not one; name one of: {', '.join(members)}",
+                          file=str(path))
     key = str(path)
     if key in _chain:
         cycle = " -> ".join(Path(c).stem for c in (*_chain, key))
@@ -88,7 +152,8 @@ def load_raw(spec: str, directory: Path, kind: str, _chain: tuple[str, ...] = ()
         if not isinstance(parent, str):
             raise ConfigError("expected the name of another file", file=str(path), field="extends")
         where = path.parent if (path.parent / f"{parent}.toml").exists() else directory
-        resolve_path(parent, where, kind, file=str(path), field="extends")  # a missing parent names this file
+        if kind != ZOO_KIND or _family_member(parent, where) is None:
+            resolve_path(parent, where, kind, file=str(path), field="extends")  # a missing parent names this file
         base, _ = load_raw(parent, where, kind, (*_chain, key))
         base.pop("name", None)
         base.pop("description", None)
@@ -112,7 +177,7 @@ def parse_override(text: str, file: str = "--set") -> tuple[list[str], Any]:
     return key.split("."), value
 
 
-def _select(items: list[Any], k: str, keys: list[str]) -> Any:
+def _select(items: list[Any], k: str, keys: list[str], file: str = "--set") -> Any:
     """The table of an array of tables that ``k`` names: by its ``id`` (``attacks.pgd-ce``) or index."""
     for item in items:
         if isinstance(item, dict) and item.get("id") == k:
@@ -121,7 +186,26 @@ def _select(items: list[Any], k: str, keys: list[str]) -> Any:
         return items[int(k)]
     ids = [str(i.get("id")) for i in items if isinstance(i, dict) and "id" in i]
     allowed = f"ids {', '.join(ids)}" if ids else f"indices 0..{len(items) - 1}"
-    raise ConfigError(f"no table {k!r} here; allowed: {allowed}", file="--set", field=".".join(keys))
+    raise ConfigError(f"no table {k!r} here; allowed: {allowed}", file=file, field=".".join(keys))
+
+
+def _set_key(out: dict[str, Any], keys: list[str], value: Any, *, file: str, text: str) -> None:
+    """Set one dotted key in place (an override's one step); errors name ``file`` and the key."""
+    if not keys or any(not k for k in keys):
+        raise ConfigError(f"bad key in {text!r}", file=file)
+    node: Any = out
+    for i, k in enumerate(keys[:-1]):
+        if isinstance(node, list):
+            node = _select(node, k, keys, file)
+            continue
+        nxt = node.setdefault(k, {})
+        if not isinstance(nxt, (dict, list)) or (isinstance(nxt, list) and not nxt):
+            raise ConfigError(f"{'.'.join(keys[:i + 1])} is not a table", file=file, field=".".join(keys))
+        node = nxt
+    if isinstance(node, list):
+        raise ConfigError("is an array of tables; name one of them and a field (e.g. "
+                          f"{'.'.join(keys)}.<id>.<field>)", file=file, field=".".join(keys))
+    node[keys[-1]] = copy.deepcopy(value)
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -130,19 +214,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     out = copy.deepcopy(data)
     for text in overrides:
         keys, value = parse_override(text)
-        node: Any = out
-        for i, k in enumerate(keys[:-1]):
-            if isinstance(node, list):
-                node = _select(node, k, keys)
-                continue
-            nxt = node.setdefault(k, {})
-            if not isinstance(nxt, (dict, list)) or (isinstance(nxt, list) and not nxt):
-                raise ConfigError(f"{'.'.join(keys[:i + 1])} is not a table", file="--set", field=".".join(keys))
-            node = nxt
-        if isinstance(node, list):
-            raise ConfigError("is an array of tables; name one of them and a field (e.g. "
-                              f"{'.'.join(keys)}.<id>.<field>)", file="--set", field=".".join(keys))
-        node[keys[-1]] = value
+        _set_key(out, keys, value, file="--set", text=text)
     return out
 
 
@@ -240,6 +312,9 @@ class ZooEntry:
     citation: str = opt("", help="where the values come from (paper section / reference code file)")
     tags: list[str] = opt([])
     _extends: str | None = field(default=None, repr=True)
+    # set for a family member: {file, sha256 of the family file, from_entry}; absent from file entries'
+    # resolved form, so their hashes (and the runs made from them) are unchanged by its existence
+    _family: dict[str, str] | None = field(default=None, repr=True)
     method_params: Any = field(default=None, repr=False, compare=False)
     arch_params: Any = field(default=None, repr=False, compare=False)
     source: str = field(default="", repr=False, compare=False)
@@ -248,6 +323,8 @@ class ZooEntry:
     def resolved(self) -> dict[str, Any]:
         """The entry as resolved data (what the manifest records and the hash covers)."""
         d = to_dict(self)
+        if d.get("_family") is None:
+            d.pop("_family", None)
         if self.method_params is not None:
             d["train"]["params"] = to_dict(self.method_params)
         return d
@@ -300,7 +377,7 @@ def resolve_entry(raw: dict[str, Any], file: str, overrides: list[str] | None = 
 def load_entry(spec: str, overrides: list[str] | None = None, labels: dict[str, str] | None = None) -> ZooEntry:
     """Load, merge, override and validate a zoo entry (``zoo/NAME``, ``NAME`` or a path). ``labels``:
     overrides that came from a flag (``{"train.epochs=3": "--epochs 3"}``), named by errors."""
-    raw, path = load_raw(spec, ZOO_DIR, "zoo entry")
+    raw, path = load_raw(spec, ZOO_DIR, ZOO_KIND)
     overrides = list(overrides or [])
     check_conflicts(overrides, labels)
     raw = apply_overrides(raw, overrides)
@@ -309,7 +386,14 @@ def load_entry(spec: str, overrides: list[str] | None = None, labels: dict[str, 
 
 
 def list_entries(directory: Path = ZOO_DIR) -> list[str]:
-    return sorted(p.stem for p in directory.glob("*.toml"))
+    """Every zoo entry: the file entries and the members the family files derive."""
+    files = [p.stem for p in directory.glob("*.toml") if not zoo_family.is_family_file(p)]
+    return sorted([*files, *zoo_family.index(directory)])
+
+
+def entry_exists(name: str, directory: Path = ZOO_DIR) -> bool:
+    """A zoo entry of this name, in a file or derived by a family."""
+    return (directory / f"{name}.toml").is_file() or _family_member(name, directory) is not None
 
 
 def list_protocols(directory: Path = PROTOCOLS_DIR) -> list[str]:

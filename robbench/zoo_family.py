@@ -1,0 +1,157 @@
+"""Entry families: one ``zoo/<to>.family.toml`` derives a whole chain ``<to>_*`` from the file entries
+``<from>_*`` (a sparsity sweep, a data-subset count, another base training), so a sweep is one file
+instead of ~26 near-identical ones.
+
+This module only reads and indexes family files and renames the references between chain members;
+:mod:`robbench.config` merges the source entries and applies the family's overrides with the same code
+as ``--set``, so a derived entry resolves exactly like a file entry. A leaf: it imports nothing of
+robbench but the error type.
+"""
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from robbench.errors import ConfigError
+
+SUFFIX = ".family.toml"
+_KEYS = {"description", "from", "to", "entries", "tags", "set", "set_for"}
+
+
+@dataclass
+class Family:
+    file: Path
+    sha256: str                      # of the family file's bytes: recorded in every derived entry
+    source: str                      # ``from``: the prefix of the file entries it derives from
+    target: str                      # ``to``: the prefix of the derived entries
+    suffixes: list[str]              # members: ``<source>_<suffix>`` -> ``<target>_<suffix>``
+    description: str = ""
+    tags: list[str] = field(default_factory=list)
+    overrides: list[tuple[str, Any]] = field(default_factory=list)          # [set]: (dotted key, value)
+    overrides_for: list[tuple[str, str, Any]] = field(default_factory=list)  # [set_for.PATTERN]
+
+    def rename(self) -> dict[str, str]:
+        """Source entry name -> derived entry name, for every member."""
+        return {f"{self.source}_{s}": f"{self.target}_{s}" for s in self.suffixes}
+
+    def overrides_of(self, suffix: str) -> list[tuple[str, Any]]:
+        """The (key, value) pairs applied to member ``suffix``, in order: [set], then every matching
+        [set_for] pattern (later ones win)."""
+        return self.overrides + [(k, v) for pat, k, v in self.overrides_for if fnmatch.fnmatchcase(suffix, pat)]
+
+
+def is_family_file(path: Path) -> bool:
+    return path.name.endswith(SUFFIX)
+
+
+def family_stem(path: Path) -> str:
+    return path.name[: -len(SUFFIX)]
+
+
+def _flatten(table: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """``{"train": {"epochs": 3}}`` and ``{"train.epochs": 3}`` -> [("train.epochs", 3)]: a table value
+    sets its keys one by one, as a ``--set`` of each leaf would."""
+    out: list[tuple[str, Any]] = []
+    for k, v in table.items():
+        key = f"{prefix}.{k}" if prefix else k
+        if isinstance(v, dict) and v:
+            out.extend(_flatten(v, key))
+        else:
+            out.append((key, v))
+    return out
+
+
+def read_family(path: Path, file_entries: set[str]) -> Family:
+    """Parse and check one family file against the zoo's file entries (names without ``.toml``)."""
+    f = str(path)
+    try:
+        blob = path.read_bytes()
+        data = tomllib.loads(blob.decode("utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(f"not a readable TOML file ({e})", file=f) from None
+    unknown = sorted(set(data) - _KEYS)
+    if unknown:
+        raise ConfigError(f"unknown key; allowed here: {', '.join(sorted(_KEYS))}", file=f, field=unknown[0])
+    for key in ("from", "to"):
+        if not isinstance(data.get(key), str) or not data[key]:
+            raise ConfigError("required: the name prefix of a chain (a string)", file=f, field=key)
+    source, target = data["from"], data["to"]
+    if target == source:
+        raise ConfigError("must differ from 'from'", file=f, field="to")
+    chain = sorted(n[len(source) + 1:] for n in file_entries if n.startswith(source + "_"))
+    if not chain:
+        raise ConfigError(f"no zoo entry named {source}_*; 'from' names the prefix of existing file entries",
+                          file=f, field="from")
+    entries = data.get("entries")
+    if entries is None:
+        suffixes = chain
+    else:
+        if not isinstance(entries, list) or not entries or not all(isinstance(s, str) and s for s in entries):
+            raise ConfigError("expected a non-empty list of entry suffixes (e.g. ['nis_0_prune', 'team'])",
+                              file=f, field="entries")
+        missing = [s for s in entries if s not in chain]
+        if missing:
+            raise ConfigError(f"no file entry {source}_{missing[0]}; known suffixes: {', '.join(chain)}",
+                              file=f, field="entries")
+        suffixes = list(dict.fromkeys(entries))
+    tags = data.get("tags", [])
+    if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+        raise ConfigError("expected a list of strings", file=f, field="tags")
+    desc = data.get("description", "")
+    if not isinstance(desc, str):
+        raise ConfigError("expected a string", file=f, field="description")
+    over = data.get("set", {})
+    if not isinstance(over, dict):
+        raise ConfigError("expected a table of dotted keys -> values (as --set key=value)", file=f, field="set")
+    per = data.get("set_for", {})
+    if not isinstance(per, dict) or not all(isinstance(v, dict) for v in per.values()):
+        raise ConfigError("expected tables [set_for.'<suffix pattern>'] of dotted keys -> values",
+                          file=f, field="set_for")
+    overrides_for = []
+    for pat, table in per.items():
+        if not any(fnmatch.fnmatchcase(s, pat) for s in suffixes):
+            raise ConfigError(f"pattern matches no member; members: {', '.join(suffixes)}", file=f,
+                              field=f"set_for.{pat}")
+        overrides_for += [(pat, k, v) for k, v in _flatten(table)]
+    return Family(file=path, sha256=hashlib.sha256(blob).hexdigest(), source=source, target=target,
+                  suffixes=suffixes, description=desc, tags=list(tags), overrides=_flatten(over),
+                  overrides_for=overrides_for)
+
+
+def index(directory: Path) -> dict[str, tuple[Family, str]]:
+    """Every derived entry of the family files in ``directory``: name -> (family, member suffix).
+    A derived name that is also a file entry, or that two families derive, is refused."""
+    files = sorted(directory.glob(f"*{SUFFIX}"))
+    if not files:
+        return {}
+    file_entries = {p.stem for p in directory.glob("*.toml") if not is_family_file(p)}
+    out: dict[str, tuple[Family, str]] = {}
+    for path in files:
+        fam = read_family(path, file_entries)
+        for s in fam.suffixes:
+            name = f"{fam.target}_{s}"
+            if name in file_entries:
+                raise ConfigError(f"derives {name!r}, which is also a file entry ({directory / (name + '.toml')}); "
+                                  "rename one", file=str(path), field="to")
+            if name in out:
+                raise ConfigError(f"derives {name!r}, which {out[name][0].file.name} derives too", file=str(path),
+                                  field="to")
+            out[name] = (fam, s)
+    return out
+
+
+def rename_refs(value: Any, mapping: dict[str, str]) -> Any:
+    """Every string equal to a member's source name (``extends``, ``train.init_from``,
+    ``train.params.dense_from``, ``train.params.team`` items, ...) -> the derived name, so the derived
+    chain points at itself; names outside the family (a shared AT base) are kept."""
+    if isinstance(value, str):
+        return mapping.get(value, value)
+    if isinstance(value, list):
+        return [rename_refs(v, mapping) for v in value]
+    if isinstance(value, dict):
+        return {k: rename_refs(v, mapping) for k, v in value.items()}
+    return value
