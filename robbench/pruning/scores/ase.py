@@ -6,8 +6,9 @@ H ~ G (x) A with G the second moment of the output gradients and A of the layer 
 Fisher), and keeps the element-wise diagonal term. The diagonal of G (x) A at weight (o, i) is
 G_oo * A_ii: ``fisher = 'kfac'`` (default) accumulates E[g_o^2] and E[a_i^2] (conv inputs unfolded into
 patches, means over samples and positions) over the score batches. ``fisher = 'empirical'`` uses the
-squared mini-batch gradient instead. MAD's learned-mask damage (Delta w = w - w * softplus(m) after 20
-Adam steps per batch) is not implemented: EED's Eq. 10 states the simplified 1/2 * H_ii * w^2.
+squared mini-batch gradient instead. ``saliency = 'eq10'`` (default) is that score, as EED's Eq. 10
+states it; ``saliency = 'mad'`` is MAD's own learned-mask damage (Delta w = w - w * softplus(m) after
+``mask_steps`` Adam steps per batch, then 1/2 Delta w^T H Delta w per weight; :mod:`.mad`).
 The adversarial examples come from ``data.craft`` (the pruning run's training attack); without it the
 clean batches are used.
 """
@@ -48,6 +49,8 @@ def ase_scores(net: nn.Module, data: ScoreData) -> dict[str, torch.Tensor]:
         raise ValueError("the ASE score needs data batches")
     mode = data.options.get("fisher", "kfac")
     layers = masked_layers(net)
+    if data.options.get("saliency", "eq10") == "mad":
+        return _mad(net, layers, data)
     acc_a = {n: torch.zeros(()) for n, _ in layers}
     acc_g = {n: torch.zeros(()) for n, _ in layers}
     acc_emp = {n: torch.zeros_like(l.weight) for n, l in layers}
@@ -96,3 +99,21 @@ def ase_scores(net: nn.Module, data: ScoreData) -> dict[str, torch.Tensor]:
             h = acc_emp[name] if mode == "empirical" else acc_g[name] * acc_a[name]
             out[name] = 0.5 * (h / len(data.batches)) * (layer.weight * layer.mask).pow(2)
     return out
+
+
+def _mad(net: nn.Module, layers: list, data: ScoreData) -> dict[str, torch.Tensor]:
+    from robbench.pruning.scores.mad import mad_scores
+
+    was = [(m, m.training) for m in net.modules()]
+    flags = [(p, p.requires_grad) for p in net.parameters()]
+    try:
+        net.eval()  # MAD optimises the mask and takes the Fisher with the model in eval mode
+        for p in net.parameters():
+            p.requires_grad_(False)
+        return mad_scores(net, layers, data.batches, data.craft, int(data.options.get("mask_steps", 20)),  # type: ignore[arg-type]
+                          float(data.options.get("mask_lr", 0.1)))  # type: ignore[arg-type]
+    finally:
+        for m, flag in was:
+            m.training = flag
+        for p, flag in flags:
+            p.requires_grad_(flag)

@@ -59,6 +59,10 @@ class PruneOptions(AdvBaseOptions):
                                             "use (robbench choice; MAD averages over the train loader)")
     fisher: Literal["kfac", "empirical"] = opt("kfac", help="ASE Hessian diagonal: K-FAC G_oo*A_ii (MAD) or "
                                                             "squared batch gradients")
+    saliency: Literal["eq10", "mad"] = opt("eq10", help="ASE: EED Eq. 10's 1/2 H_ii w^2, or MAD's learned-mask "
+                                                        "damage 1/2 dw^T H dw (dw = w - w softplus(m))")
+    mask_steps: int = opt(20, min=0, help="ASE saliency 'mad': Adam steps on the mask per batch (MAD: 20)")
+    mask_lr: float = opt(0.1, min=0.0, help="ASE saliency 'mad': the mask's Adam learning rate (MAD: 0.1)")
     nis_seed: Literal["uniform", "logit_abs"] = opt("uniform", help="NIS final-response importance (NISP uses "
                                                                     "Inf-FS, unspecified in EED): all 1, or mean |logit|")
     subset: Literal["all", "eed"] = opt("all", help="'eed': shared quarter + private quarter (EED §5.1)")
@@ -179,7 +183,8 @@ class ScorePrune(Method):
             data.batches = self._score_batches(ctx)
         if o.score == "ase":
             data.craft = lambda x, y: craft(ctx.model, ctx.model, x, y, o, "ce")
-        data.options = {"fisher": o.fisher, "nis_seed": o.nis_seed}
+        data.options = {"fisher": o.fisher, "nis_seed": o.nis_seed, "saliency": o.saliency,
+                        "mask_steps": o.mask_steps, "mask_lr": o.mask_lr}
         for member in ctx.members:  # one network at a time (each member has its own layers)
             initialise_scores(member, o.score, data if len(ctx.members) == 1 else
                               ScoreData(data.batches, (lambda x, y, m=member: craft(m, m, x, y, o, "ce"))
