@@ -9,8 +9,11 @@ Transforms (torchvision reference recipe, PIL, bilinear):
 - evaluation (``get``, augment ``none``): Resize(256) on the short side + CenterCrop(224);
 - ``default`` / ``crop_flip``: RandomResizedCrop(224, scale (0.08, 1), ratio (3/4, 4/3)) + flip;
 - ``crop``: RandomResizedCrop only; ``flip``: the evaluation transform + flip.
-Xie & Yuille's codebase (ImageNet-Adversarial-Training) trains with the same Inception-style crop + flip
-and adds colour jitter and PCA lighting; those two are not implemented [deviation, documented].
+``options.recipe = "fbresnet"`` replaces these with the reference recipe of Xie & Yuille's codebase
+(ImageNet-Adversarial-Training ``third_party/imagenet_utils.py fbresnet_augmentor``): GoogLeNet crop with a
+bicubic resize, brightness / contrast / saturation / PCA lighting in a random order on uint8 values, flip;
+evaluation resizes the short side to 256 with bicubic interpolation. See ``fbresnet_augment.py``. Every
+training policy (any ``data.augment`` but ``none``) then applies the colour steps.
 Random numbers come from a generator per (seed, epoch, batch) and per position in the batch, so a batch
 decoded in any worker is a pure function of its seed (see loader.py).
 """
@@ -21,12 +24,13 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import torch
 
 from robbench.schema import opt
 from robbench.data.base import _as_index_tensor, seeded_generator
+from robbench.data.fbresnet_augment import fbresnet_colour, googlenet_crop_params
 from robbench.data.info import DatasetInfo
 from robbench.errors import DataError
 from robbench.registry import DATASETS
@@ -40,6 +44,9 @@ class ImageNetOptions:
     crop_size: int = opt(224, min=1, max=4096, help="torchvision reference: 224")
     resize_size: int = opt(256, min=1, max=4096, help="torchvision reference: 256 (= 224 / 0.875)")
     num_workers: int = opt(min(8, os.cpu_count() or 1), min=0, max=256, help="decoding processes")
+    recipe: Literal["torchvision", "fbresnet"] = opt(
+        "torchvision", help="'torchvision': the torchvision reference transforms; 'fbresnet': tensorpack's "
+        "fbresnet_augmentor as ImageNet-Adversarial-Training trains (colour jitter + PCA lighting)")
 
 
 def random_resized_crop_params(width: int, height: int, g: torch.Generator, scale: tuple[float, float] = (0.08, 1.0),
@@ -70,8 +77,9 @@ class FolderData:
     """A split of image files, decoded on demand; ``get`` applies the evaluation transform."""
 
     def __init__(self, directory: Path, name: str, split: str, crop_size: int = 224, resize_size: int = 256,
-                 num_workers: int = 0) -> None:
+                 num_workers: int = 0, recipe: str = "torchvision") -> None:
         self.directory = directory
+        self.recipe = recipe
         self.name = name
         self.split = split
         self.crop_size = crop_size
@@ -99,18 +107,31 @@ class FolderData:
         from torchvision.datasets.folder import default_loader
 
         img = default_loader(self.samples[index][0])  # PIL RGB
+        fb = self.recipe == "fbresnet"
+        # fbresnet_augmentor resizes with cv2.INTER_CUBIC in training and evaluation
+        interp = TF.InterpolationMode.BICUBIC if fb else TF.InterpolationMode.BILINEAR
         size = self.crop_size
+        box = None
         if policy in ("crop_flip", "crop"):
             assert generator is not None
-            i, j, h, w = random_resized_crop_params(img.width, img.height, generator)
-            img = TF.resized_crop(img, i, j, h, w, [size, size], antialias=True)
+            box = (googlenet_crop_params(img.width, img.height, generator) if fb
+                   else random_resized_crop_params(img.width, img.height, generator))
+        if box is not None:
+            img = TF.resized_crop(img, *box, [size, size], interpolation=interp, antialias=True)
+        else:  # evaluation, or the GoogLeNet crop's fallback (ResizeShortestEdge(224) + CenterCrop(224))
+            short = size if fb and policy in ("crop_flip", "crop") else self.resize_size
+            img = TF.center_crop(TF.resize(img, short, interpolation=interp, antialias=True), size)
+        x = TF.pil_to_tensor(img)
+        if fb and policy != "none":
+            assert generator is not None
+            out = fbresnet_colour(x, generator)  # before the flip, as in fbresnet_augmentor
         else:
-            img = TF.center_crop(TF.resize(img, self.resize_size, antialias=True), size)
+            out = x.to(torch.float32).div_(255.0)
         if policy in ("crop_flip", "flip"):
             assert generator is not None
             if torch.rand(1, generator=generator).item() < 0.5:
-                img = TF.hflip(img)
-        return TF.pil_to_tensor(img).to(torch.float32).div_(255.0)
+                out = out.flip(-1)
+        return out
 
     def load_batch(self, indices: Sequence[int], policy: str, seed_parts: tuple[Any, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         """A batch; sample k of it uses the generator seeded by (*seed_parts, k)."""
@@ -144,7 +165,7 @@ def load_imagenet(root: Path, split: str, options: dict[str, Any]) -> FolderData
                         f"{base.resolve()}/train/<wnid>/*.JPEG and {base.resolve()}/val/<wnid>/*.JPEG "
                         "(or set data.options.dir)")
     return FolderData(directory, "imagenet", split, options.get("crop_size", 224), options.get("resize_size", 256),
-                      options.get("num_workers", 0))
+                      options.get("num_workers", 0), options.get("recipe", "torchvision"))
 
 
 def adjust_info(info: DatasetInfo, o: dict[str, Any]) -> DatasetInfo:
