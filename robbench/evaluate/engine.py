@@ -33,6 +33,7 @@ from robbench.device import pick_device
 from robbench.distributed import DistEnv
 from robbench.errors import UserError
 from robbench.evaluate.commit import Committer, RunRecord, init_distributed
+from robbench.evaluate.distill_run import evaluate_distillation
 from robbench.evaluate.execute import Batch, BatchState, Executor, TransferSets, Work, seconds_per_sample_pass
 from robbench.evaluate.plan import (PlannedAttack, TargetPlan, Unit, and_groups, groups_record, plan_attacks,
                                     plan_target, unit_samples)
@@ -135,6 +136,8 @@ def _run_meta(proto: Protocol, t: Target, ids: list[int], settings: Settings, ea
 
 def evaluate_target(proto: Protocol, name: str, settings: Settings) -> int:
     """Plan, resume, execute and commit ``proto`` on one entry; returns its run id."""
+    if proto.kind == "distillation":  # a measurement, not attacks: its own units (evaluate/distill_run.py)
+        return evaluate_distillation(proto, name, settings)
     t = load_target(name, settings.runs_dir, settings.device, proto.member, settings.memory_format)
     datasets = proto.applies_to.datasets or proto.datasets
     if datasets and t.dataset not in datasets:

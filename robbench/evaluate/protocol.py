@@ -21,11 +21,12 @@ from typing import Any, Literal
 
 from robbench.config import apply_overrides, blame_override, check_conflicts, config_hash, load_raw, to_dict
 from robbench.errors import ConfigError
+from robbench.evaluate.distillation import DistillationSpec
 from robbench.paths import PROTOCOLS_DIR
 from robbench.registry import ATTACKS
 from robbench.schema import opt, parse_dataclass, parse_options
 
-KINDS = ("whitebox", "transfer", "transferability", "autoattack", "clean", "convergence")
+KINDS = ("whitebox", "transfer", "transferability", "autoattack", "clean", "convergence", "distillation")
 
 
 @dataclass
@@ -75,7 +76,9 @@ class Protocol:
     description: str = ""
     paper: str = opt("", help="dverge | eio | eed | xie | robustbench | demo")
     citation: str = opt("", help="where the values come from")
-    kind: Literal["whitebox", "transfer", "transferability", "autoattack", "clean", "convergence"] = "whitebox"
+    kind: Literal["whitebox", "transfer", "transferability", "autoattack", "clean", "convergence",
+                  "distillation"] = opt("whitebox", help="distillation: a measurement, not an attack "
+                                                         "(robbench.evaluate.distillation; DVERGE Table 2)")
     scaled: bool = opt(False, help="true = a scaled-down version of a paper protocol (say how in description)")
     datasets: list[str] = opt([], help="datasets the protocol applies to")
     samples: SampleSpec = field(default_factory=SampleSpec)
@@ -92,12 +95,16 @@ class Protocol:
                                                "(Ensemble-in-One '/3/1': one derived model; recorded)")
     sources: list[str] = opt([], help="transfer: entry names of the source (surrogate) models")
     attacks: list[AttackSpec] = opt([])
+    distillation: DistillationSpec = field(default_factory=DistillationSpec)
     applies_to: AppliesTo = field(default_factory=AppliesTo)
     _extends: str | None = field(default=None, repr=True)
     source_file: str = field(default="", init=False, repr=False, compare=False)
     overrides: list[str] = field(default_factory=list, init=False, repr=False, compare=False)
 
     def validate(self, file: str) -> None:
+        if self.kind == "distillation" or self.distillation != DistillationSpec():
+            self._validate_distillation(file)
+            return
         if self.kind != "clean" and not self.attacks:
             raise ConfigError("a protocol of this kind needs at least one [[attacks]] table", file=file,
                               field="attacks")
@@ -128,6 +135,27 @@ class Protocol:
             raise ConfigError("transferability samples are those every member classifies correctly; "
                               "allowed: 'all_correct'", file=file, field="samples.selection")
 
+    def _validate_distillation(self, file: str) -> None:
+        if self.kind != "distillation":
+            raise ConfigError(f"a [distillation] table belongs to kind = \"distillation\", not {self.kind!r}",
+                              file=file, field="distillation")
+        if self.attacks:
+            raise ConfigError("a distillation protocol measures, it runs no attacks; allowed: no [[attacks]]",
+                              file=file, field="attacks")
+        if self.member is not None:
+            raise ConfigError("distillation measures pairs of members; pick them with distillation.members",
+                              file=file, field="member")
+        if not self.eps:
+            raise ConfigError("empty; give at least one eps", file=file, field="eps")
+        for e in self.eps:
+            if e <= 0:
+                raise ConfigError(f"eps {e!r} cannot change the input; allowed: eps > 0", file=file, field="eps")
+        if len(set(self.distillation.members)) != len(self.distillation.members):
+            raise ConfigError("a member is named twice", file=file, field="distillation.members")
+        if self.distillation.members and len(self.distillation.members) < 2:
+            raise ConfigError("distillation runs from member i to member j; allowed: >= 2 members (or [] = all)",
+                              file=file, field="distillation.members")
+
     # --------------------------------------------------------------------------------------------
     def attack_on(self, a: AttackSpec) -> str:
         if a.on is not None:
@@ -140,6 +168,8 @@ class Protocol:
     def resolved(self) -> dict[str, Any]:
         d = to_dict(self)
         d.pop("source_file", None)
+        if self.kind != "distillation":  # other kinds' resolved protocol (and hash) stay as they were
+            d.pop("distillation", None)
         for a, ad in zip(self.attacks, d["attacks"]):
             ad.pop("params_parsed", None)
             if a.params_parsed is not None:
