@@ -551,6 +551,31 @@ def test_every_xie_view_row_names_a_zoo_entry_of_its_setting():
     assert (e.adv_steps, e.adv_step) == (5, pytest.approx(4 / 255))  # footnote 6: alpha = 4 for PGD-5
 
 
+def test_table3_rows_5_and_6_are_the_read_one_by_one_changes():
+    """Table 3 rows 5 and 6 (a reading of the garbled extraction, see the view note): row 6 is row 7 with
+    48 GPUs, row 5 is row 6 with the PGD start always in the eps-cube; rows 2-4 have no entry."""
+    from robbench.report.views import load_views
+
+    t3 = next(v for v in load_views().view if v.paper == "xie" and v.table == "3")
+    r5, r6, r7 = (load_entry(t3.rows[f"row {k}"] if k != 7 else "xie_resnet101_alp_pgd10") for k in (5, 6, 7))
+    assert t3.rows["row 7: PGD-10, 128 GPUs, the paper's other settings"] == "xie_resnet101_alp_pgd10"
+    assert [t3.rows[f"row {k}"] for k in (2, 3, 4)] == ["", "", ""] and "READING" in t3.note
+    for e in (r5, r6):
+        p, o = e.method_params, e.train.optimizer
+        assert e.model.options["depth"] == 101 and p.adv_steps == 10 and p.alp_weight == r7.method_params.alp_weight
+        assert (o.name, o.nesterov, e.train.schedule.name, e.train.schedule.milestones) == ("sgd", True, "multistep", [35, 70, 95])
+        assert e.data.batch_size == 48 * 32 and o.lr == pytest.approx(0.1 * (48 * 32 // 256))  # main.py BASE_LR
+    assert (r6.method_params.adv_clean_start_prob, r5.method_params.adv_clean_start_prob) == (0.2, 0.0)
+    # one setting each: row 6 differs from row 7 in the GPUs only (the batch and the lr that follows it)
+    def settings(e):
+        return {"batch": e.data.batch_size, "lr": e.train.optimizer.lr, "epochs": e.train.epochs,
+                "start": e.method_params.adv_clean_start_prob, "depth": e.model.options["depth"],
+                "steps": e.method_params.adv_steps, "optimizer": e.train.optimizer.name}
+    s5, s6, s7 = settings(r5), settings(r6), settings(r7)
+    assert {k for k in s6 if s6[k] != s7[k]} == {"batch", "lr"} and {k for k in s5 if s5[k] != s6[k]} == {"start"}
+    assert (_pub("3", "row 5", "PGD-10"), _pub("3", "row 6", "PGD-10"), _pub("3", "row 6")) == (47.0, 47.5, 2.9)
+
+
 def test_demo_protocol_scales_the_papers_attack():
     from robbench.evaluate.protocol import load_protocol
 
