@@ -48,6 +48,10 @@ def _print_summaries(runs: dict[str, int], db: str | None) -> None:
     with Store(db) as store:
         for name, run_id in runs.items():
             run = store.run(run_id)
+            if (run["meta"].get("protocol") or {}).get("kind") == "distillation":
+                click.echo(f"\n{name} - {run['protocol']} (distillation, run {run_id})")
+                click.echo("\n".join(_distillation_lines(store.outcomes(run_id))))
+                continue
             if (run["meta"].get("protocol") or {}).get("kind") == "transferability":
                 lines = success_lines(store.outcomes(run_id))
                 if lines:
@@ -65,3 +69,15 @@ def _print_summaries(runs: dict[str, int], db: str | None) -> None:
                 vals = {float(e): a for e, a in zip(g["eps"], g["accuracy"])}
                 cells = " ".join(f"{100 * vals[e]:6.1f}%" if e in vals else f"{'':>7s}" for e in eps_cols)
                 click.echo(f"{str(attack)[:34]:34s} {int(member):>6d} {cells}")
+
+
+def _distillation_lines(df) -> list[str]:  # type: ignore[no-untyped-def]
+    """A distillation run's means per eps (the numbers of DVERGE Table 2), over every sample and pair."""
+    from robbench.evaluate.distillation import DISTANCE, DIVERSITY_LOSS
+
+    lines = [f"{'eps':>7s} {'distance':>10s} {'diversity loss':>15s} {'n':>6s}"]
+    for eps, g in df[df["attack"].isin([DISTANCE, DIVERSITY_LOSS])].groupby("eps"):
+        d = g.loc[g["attack"] == DISTANCE, "margin"].mean()
+        loss = g.loc[g["attack"] == DIVERSITY_LOSS, "margin"].mean()
+        lines.append(f"{eps:>7.4g} {d:>10.4f} {loss:>15.4f} {g['sample'].nunique():>6d}")
+    return lines

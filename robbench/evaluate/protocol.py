@@ -278,6 +278,9 @@ def load_protocol(name: str, overrides: list[str] | None = None, *, n: int | Non
     try:
         raw = apply_overrides(raw, ov)
         raw.setdefault("name", path.stem)
+        if "distillation" in raw and raw.get("kind") != "distillation":
+            raise ConfigError(f"a [distillation] table belongs to kind = \"distillation\", not "
+                              f"{raw.get('kind', 'whitebox')!r}", file=file, field="distillation")
         proto = parse_dataclass(Protocol, raw, file=file)
         proto.source_file = file
         proto.overrides = ov

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from robbench.outcomes import CLEAN_ATTACK
+from robbench.outcomes import CLEAN_ATTACK, FINAL
 from robbench.report.results import Results, RunInfo, all_or_nothing_counts
 from robbench.report.views import Measure
 from robbench.store import wilson_interval
@@ -37,6 +37,19 @@ class ValueCell:
     value: float
     unit: str
     run: RunInfo
+
+
+@dataclass(frozen=True)
+class MeanCell:
+    """The mean of a per-sample value (a ``mean`` measure: e.g. a distillation distance), over ``n``
+    samples (a sample's value: the mean of its rows, one per member or member pair), with a 95% normal
+    interval of the mean (1.96 standard errors over the samples)."""
+    value: float
+    lo: float
+    hi: float
+    n: int
+    run: RunInfo
+    unit: str = ""
 
 
 BOOTSTRAP_REPS = 2000
@@ -109,7 +122,23 @@ def meta_value(meta: dict[str, Any], key: str) -> float | None:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
 
-def compute(results: Results, entry: str, m: Measure) -> Cell | ValueCell | None:
+def mean_cell(df: pd.DataFrame, m: Measure, run: RunInfo) -> MeanCell | None:
+    """The mean value of the outcome rows of the measure's attacks at its eps (final values only)."""
+    attacks = select_attacks(df["attack"].unique().tolist(), m.attacks)
+    sub = df[df["attack"].isin(attacks) & (df["steps"] == FINAL) & df["margin"].notna()]
+    if m.eps is not None:
+        sub = sub[(sub["eps"] - float(m.eps)).abs() < 1e-9]
+    if m.member >= 0:
+        sub = sub[sub["member"] == m.member]
+    if sub.empty:
+        return None
+    per_sample = sub.groupby("sample")["margin"].mean().to_numpy(dtype=float)
+    mean, n = float(per_sample.mean()), len(per_sample)
+    half = 1.959963984540054 * float(per_sample.std(ddof=1)) / np.sqrt(n) if n > 1 else float("nan")
+    return MeanCell(value=mean, lo=mean - half, hi=mean + half, n=n, run=run, unit=m.unit)
+
+
+def compute(results: Results, entry: str, m: Measure) -> Cell | ValueCell | MeanCell | None:
     """The cell of ``entry`` under measure ``m``; ``None`` when not run (or not measurable)."""
     if m.kind == "none" or not entry:
         return None
@@ -120,6 +149,8 @@ def compute(results: Results, entry: str, m: Measure) -> Cell | ValueCell | None
         v = meta_value(run.meta, m.key)
         return None if v is None else ValueCell(value=v * m.scale, unit=m.unit, run=run)
     df = results.outcomes(run)
+    if m.kind == "mean":
+        return mean_cell(df, m, run)
     if m.kind == "clean":
         kn = clean_counts(df, m.member)
         attacks = [CLEAN_ATTACK]

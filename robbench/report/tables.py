@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from robbench.report.flags import Flag, protocol_info
-from robbench.report.measures import Cell, SeedCell, ValueCell, compute, compute_seeds
+from robbench.report.measures import Cell, MeanCell, SeedCell, ValueCell, compute, compute_seeds
 from robbench.report.reference import RefValue, published, table_layout
 from robbench.report.results import Results
 from robbench.report.views import View, ViewsFile, load_views, views_path
@@ -39,13 +39,13 @@ class CellResult:
     column: str
     entries: list[str]
     protocol: str
-    cell: Cell | SeedCell | ValueCell | None
+    cell: Cell | SeedCell | ValueCell | MeanCell | None
     ref: RefValue | None
     measurable: bool
     flags: list[Flag]
     setting: Setting = field(default_factory=lambda: Setting("", ""))
     published_setting: Setting = field(default_factory=lambda: Setting("", ""))
-    meta_key: str = ""  # a meta measure's key (CSV/JSON name the measure by it)
+    meta_key: str = ""  # a meta measure's key, a mean measure's attack patterns (CSV/JSON name the measure by it)
 
     @property
     def entry(self) -> str:
@@ -67,6 +67,8 @@ class CellResult:
             return False
         if isinstance(self.cell, ValueCell):
             return bool(self.cell.unit) and self.ref.unit == self.cell.unit
+        if isinstance(self.cell, MeanCell):  # a loss or distance: unitless on both sides counts as the same
+            return self.ref.unit == self.cell.unit
         return self.ref.unit in ("%", "pp")
 
     @property
@@ -74,24 +76,24 @@ class CellResult:
         if not self.comparable:
             return None
         c = self.cell
-        return (c.value if isinstance(c, ValueCell) else 100 * c.acc) - self.ref.value  # type: ignore[union-attr]
+        return (c.value if isinstance(c, (ValueCell, MeanCell)) else 100 * c.acc) - self.ref.value  # type: ignore[union-attr]
 
     @property
     def first(self) -> Cell | None:
         """The (first) accuracy cell: what carries n and the attack seed (a meta value carries neither)."""
         c = self.cell
-        if isinstance(c, ValueCell):
+        if isinstance(c, (ValueCell, MeanCell)):
             return None
         return c.cells[0] if isinstance(c, SeedCell) else c
 
     @property
     def run(self) -> Any:
         c = self.cell
-        return c.run if isinstance(c, ValueCell) else (None if self.first is None else self.first.run)
+        return c.run if isinstance(c, (ValueCell, MeanCell)) else (None if self.first is None else self.first.run)
 
     def interval(self) -> tuple[float, float] | None:
         c = self.cell
-        if c is None or isinstance(c, ValueCell):
+        if c is None or isinstance(c, (ValueCell, MeanCell)):  # a mean's interval is in its own unit, not %
             return None
         return c.interval if isinstance(c, SeedCell) and len(c.cells) > 1 else (self.first.lo, self.first.hi)
 
@@ -99,6 +101,8 @@ class CellResult:
         c, one = self.cell, self.first
         iv, delta = self.interval(), self.delta
         multi = isinstance(c, SeedCell)
+        if isinstance(c, MeanCell):
+            return self._mean_record(paper, table, c, delta)
         return {
             "paper": paper, "table": table, "row": self.row, "column": self.column, "entry": self.entry,
             "protocol": self.protocol, "dataset": self.setting.dataset or None, "status": self.status,
@@ -117,6 +121,23 @@ class CellResult:
             "published_dataset": self.published_setting.dataset or None,
             "published_protocol": self.published_setting.protocol or None,
             "delta": None if delta is None else round(delta, 4),
+            "flags": "; ".join(f.code for f in self.flags),
+        }
+
+
+    def _mean_record(self, paper: str, table: str, c: MeanCell, delta: float | None) -> dict[str, Any]:
+        """The record of a mean cell: the value, interval and delta in the value's own unit (not %)."""
+        return {
+            "paper": paper, "table": table, "row": self.row, "column": self.column, "entry": self.entry,
+            "protocol": self.protocol, "dataset": self.setting.dataset or None, "status": self.status,
+            "measure": f"mean:{self.meta_key}", "unit": c.unit, "reproduced": round(c.value, 6), "std": None,
+            "runs": 1, "ci_low": round(c.lo, 6), "ci_high": round(c.hi, 6), "n": c.n, "correct": None,
+            "seed": c.run.seed, "run_id": c.run.run_id, "checkpoint_sha256": c.run.checkpoint_sha256,
+            "published": None if self.ref is None else self.ref.value,
+            "published_unit": None if self.ref is None else self.ref.unit,
+            "published_dataset": self.published_setting.dataset or None,
+            "published_protocol": self.published_setting.protocol or None,
+            "delta": None if delta is None else round(delta, 6),
             "flags": "; ".join(f.code for f in self.flags),
         }
 
@@ -180,13 +201,13 @@ def published_protocols(spec: ViewsFile) -> dict[tuple[str, str, str, str], tupl
             p, t = v.ref_paper_table
             for r in v.rows:
                 for c in list(v.columns) or table_layout(p, t)[1]:
-                    m = v.measure(c)
+                    m = v.measure(c, r)
                     if m.kind != "none" and m.protocol:
                         out.setdefault((p, t, r, c), (m.protocol, v.dataset))
     return out
 
 
-def run_setting(results: Results, cell: Cell | SeedCell | ValueCell | None, protocol: str) -> Setting:
+def run_setting(results: Results, cell: Cell | SeedCell | ValueCell | MeanCell | None, protocol: str) -> Setting:
     one = cell.cells[0] if isinstance(cell, SeedCell) else cell
     if one is None:
         return Setting(protocol_dataset(protocol), protocol)
@@ -204,10 +225,10 @@ def build_table(results: Results, view: View, flags: list[Flag], spec: ViewsFile
     for r in rows + list(labels):
         entries = [labels[r]] if r in labels else view.runs_of(r)
         for c in cols:
-            m = view.measure(c)
+            m = view.measure(c, r)
             if not entries or m.kind == "none":
                 cell = None
-            elif len(entries) > 1 and m.kind != "meta":
+            elif len(entries) > 1 and m.kind not in ("meta", "mean"):  # seeds: accuracies only
                 cell = compute_seeds(results, entries, m)
             else:
                 cell = compute(results, entries[0], m)
@@ -219,7 +240,8 @@ def build_table(results: Results, view: View, flags: list[Flag], spec: ViewsFile
             pub_proto, pub_ds = pub_protocols.get((ref_paper, ref_table, r, c), ("", ""))
             pub = Setting(pub_ds or protocol_dataset(pub_proto), pub_proto) if ref is not None else Setting("", "")
             cells[(r, c)] = CellResult(r, c, entries, m.protocol, cell, ref, m.kind != "none", fl,
-                                       run_setting(results, cell, m.protocol), pub, m.key)
+                                       run_setting(results, cell, m.protocol), pub,
+                                       ",".join(m.attacks) if m.kind == "mean" else m.key)
     return TableResult(view, rows + list(labels), cols, cells, list(labels))
 
 
@@ -252,6 +274,15 @@ def cell_text(cr: CellResult, compare: bool, flag_ids: dict[Flag, int], uniform:
     if cr.cell is None:
         return f"not run ({pub})" if (compare and cr.ref is not None) else "not run"
     c = cr.cell
+    if isinstance(c, MeanCell):  # a mean value in its own unit: the published number's decimals, its interval
+        dm = max(d, 3)
+        val = f"{c.value:.{dm}f}{fmt_unit(c.unit)}"
+        delta = cr.delta
+        if compare and delta is not None:
+            val = f"{val} ({pub}, {delta:+.{dm}f})"
+        elif compare and cr.ref is not None:
+            val = f"{val} ({pub})"
+        return f"{val}<br>[{c.lo:.{dm}f}, {c.hi:.{dm}f}] n={c.n} seed={c.run.seed}"
     if isinstance(c, ValueCell):  # a recorded number: no samples, no interval
         val = f"{c.value:.{max(d, 2) if c.unit == 'x' else d}f}{fmt_unit(c.unit)}"
         delta = cr.delta

@@ -25,23 +25,28 @@ _EPS = re.compile(r"^\d*\.?\d+$")
 @dataclass
 class Measure:
     """How one cell is computed from a run's per-sample outcomes."""
-    kind: Literal["clean", "robust", "meta", "none"] = opt(
+    kind: Literal["clean", "robust", "meta", "mean", "none"] = opt(
         "robust", help="clean: attack 'clean'; robust: all-or-nothing over the selected attacks; "
                        "meta: a number the evaluation run recorded in its meta (key, scale, unit; e.g. EED's "
-                       "measured speed-up); none: not measured by robbench (published value shown alone)")
+                       "measured speed-up); mean: the mean per-sample value (the margin column) of the "
+                       "selected outcome rows at eps, e.g. a distillation protocol's distance; none: not "
+                       "measured by robbench (published value shown alone)")
     protocol: str = opt("", help="protocol of the run (default: the view's protocol)")
     eps: float | None = opt(None, min=0.0, help="eps of the outcomes (robust measures)")
     attacks: list[str] = opt(["*"], help="fnmatch patterns over the protocol's attack ids, AND-ed "
                                          "(all-or-nothing over every source and step count of each)")
     steps: int | None = opt(None, min=0, help="only the outcomes recorded after this many iterations "
                                               "(an attack's record_steps); default: every step count")
-    member: int = opt(-1, min=-1, help="-1 = the whole model; j = member j")
+    member: int = opt(-1, min=-1, help="-1 = the whole model (mean measures: every member's rows); j = member j")
     key: str = opt("", help="meta measures: dotted path in the evaluation run's meta, e.g. 'eed_cost.flops_speedup'")
     scale: float = opt(1.0, help="meta measures: the recorded value is multiplied by this (1e-6: parameters in M)")
     unit: str = opt("", help="meta measures: unit of the scaled value, as protocols/reference/<paper>.csv "
                              "writes it ('x', 'M params'); a published value is differenced only in the same unit")
 
     def validate(self, file: str) -> None:
+        if self.kind == "mean" and self.steps is not None:
+            raise ConfigError("a mean measure reads final values; steps is for robust measures", file=file,
+                              field="steps")
         if self.kind == "meta" and not self.key:
             raise ConfigError("a meta measure names the recorded number: key = 'a.b'", file=file, field="key")
         for i, p in enumerate(self.attacks):
@@ -68,6 +73,9 @@ class View:
                                                "the mean +- std over the runs beside the published mean")
     measures: dict[str, Any] = opt({}, help="column label -> measure table; default: 'clean' -> clean, "
                                             "a number -> robust at that eps, anything else -> none")
+    row_eps: dict[str, float] = opt({}, min=0.0, help="row label -> the eps of that row's cells, for tables "
+                                                       "whose rows are eps values (DVERGE Table 2); it "
+                                                       "replaces the eps of every measure of the row")
     curves: bool = opt(False, help="also plot accuracy vs eps, one panel per ensemble size ('X/N' rows)")
     also_on: list[str] = opt([], help="further report pages that show this view (e.g. a digits demo table also "
                                       "on its paper's page)")
@@ -83,6 +91,9 @@ class View:
                 self.measures[k] = parse_dataclass(Measure, v, file=file, prefix=f"measures.{k}")
         if self.reference and ":" not in self.reference:
             raise ConfigError(f"{self.reference!r}: expected 'paper:table'", file=file, field="reference")
+        for label in self.row_eps:
+            if label not in self.rows:
+                raise ConfigError(f"row {label!r} is not in this view's rows", file=file, field=f"row_eps.{label}")
         for label, entries in self.seeds.items():
             if label not in self.rows:
                 raise ConfigError(f"row {label!r} is not in this view's rows", file=file, field=f"seeds.{label}")
@@ -101,7 +112,14 @@ class View:
             return p, t
         return self.paper, self.table
 
-    def measure(self, column: str) -> Measure:
+    def measure(self, column: str, row: str | None = None) -> Measure:
+        """The measure of a column (of ``row``'s cell when the view sets that row's eps)."""
+        m = self._measure(column)
+        if row is not None and row in self.row_eps and m.kind in ("robust", "mean"):
+            m = dataclasses.replace(m, eps=float(self.row_eps[row]), attacks=list(m.attacks))
+        return m
+
+    def _measure(self, column: str) -> Measure:
         if column in self.measures:
             m = self.measures[column]
         elif column == "clean":
