@@ -115,11 +115,10 @@ def _derived_raw(fam: zoo_family.Family, suffix: str, kind: str,
     data = zoo_family.rename_refs(base, fam.rename())
     name = f"{fam.target}_{suffix}"
     data["name"] = name
-    if fam.description:
-        data["description"] = f"{data.get('description', '')} [{fam.description}]".strip()
-    if fam.tags:
+    data["description"] = fam.describe(str(data.get("description", "")))
+    if fam.tags or fam.tags_drop:
         tags = data.get("tags", [])
-        data["tags"] = list(dict.fromkeys([*(tags if isinstance(tags, list) else [tags]), *fam.tags]))
+        data["tags"] = fam.retag(tags if isinstance(tags, list) else [tags])
     for key, value in fam.overrides_of(suffix):
         _set_key(data, key.split("."), value, file=str(fam.file), text=key)
     try:

@@ -19,7 +19,12 @@ from typing import Any
 from robbench.errors import ConfigError
 
 SUFFIX = ".family.toml"
-_KEYS = {"description", "from", "to", "entries", "tags", "set", "set_for"}
+_KEYS = {"description", "description_replace", "from", "to", "entries", "tags", "tags_drop", "set", "set_for"}
+
+
+def matches(suffix: str, pattern: str) -> bool:
+    """``fnmatch`` pattern(s) of member suffixes; ``|`` separates alternatives (``"at|hydra*"``)."""
+    return any(fnmatch.fnmatchcase(suffix, p) for p in pattern.split("|"))
 
 
 @dataclass
@@ -30,7 +35,9 @@ class Family:
     target: str                      # ``to``: the prefix of the derived entries
     suffixes: list[str]              # members: ``<source>_<suffix>`` -> ``<target>_<suffix>``
     description: str = ""
-    tags: list[str] = field(default_factory=list)
+    description_replace: dict[str, str] = field(default_factory=dict)  # text in the source description -> new
+    tags: list[str] = field(default_factory=list)       # appended to each member's tags
+    tags_drop: list[str] = field(default_factory=list)  # removed from them (a source's "table1")
     overrides: list[tuple[str, Any]] = field(default_factory=list)          # [set]: (dotted key, value)
     overrides_for: list[tuple[str, str, Any]] = field(default_factory=list)  # [set_for.PATTERN]
 
@@ -41,7 +48,17 @@ class Family:
     def overrides_of(self, suffix: str) -> list[tuple[str, Any]]:
         """The (key, value) pairs applied to member ``suffix``, in order: [set], then every matching
         [set_for] pattern (later ones win)."""
-        return self.overrides + [(k, v) for pat, k, v in self.overrides_for if fnmatch.fnmatchcase(suffix, pat)]
+        return self.overrides + [(k, v) for pat, k, v in self.overrides_for if matches(suffix, pat)]
+
+    def describe(self, text: str) -> str:
+        """A member's description: the source's, with ``description_replace`` applied and the family's
+        ``description`` appended in brackets."""
+        for old, new in self.description_replace.items():
+            text = text.replace(old, new)
+        return f"{text} [{self.description}]".strip() if self.description else text
+
+    def retag(self, tags: list[str]) -> list[str]:
+        return list(dict.fromkeys([*(t for t in tags if t not in self.tags_drop), *self.tags]))
 
 
 def is_family_file(path: Path) -> bool:
@@ -98,12 +115,17 @@ def read_family(path: Path, file_entries: set[str]) -> Family:
             raise ConfigError(f"no file entry {source}_{missing[0]}; known suffixes: {', '.join(chain)}",
                               file=f, field="entries")
         suffixes = list(dict.fromkeys(entries))
-    tags = data.get("tags", [])
-    if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
-        raise ConfigError("expected a list of strings", file=f, field="tags")
+    for key in ("tags", "tags_drop"):
+        v = data.get(key, [])
+        if not isinstance(v, list) or not all(isinstance(t, str) for t in v):
+            raise ConfigError("expected a list of strings", file=f, field=key)
     desc = data.get("description", "")
     if not isinstance(desc, str):
         raise ConfigError("expected a string", file=f, field="description")
+    repl = data.get("description_replace", {})
+    if not isinstance(repl, dict) or not all(isinstance(v, str) for v in repl.values()):
+        raise ConfigError("expected a table of 'text in the source description' = 'replacement'", file=f,
+                          field="description_replace")
     over = data.get("set", {})
     if not isinstance(over, dict):
         raise ConfigError("expected a table of dotted keys -> values (as --set key=value)", file=f, field="set")
@@ -113,12 +135,12 @@ def read_family(path: Path, file_entries: set[str]) -> Family:
                           file=f, field="set_for")
     overrides_for = []
     for pat, table in per.items():
-        if not any(fnmatch.fnmatchcase(s, pat) for s in suffixes):
+        if not any(matches(s, pat) for s in suffixes):
             raise ConfigError(f"pattern matches no member; members: {', '.join(suffixes)}", file=f,
                               field=f"set_for.{pat}")
         overrides_for += [(pat, k, v) for k, v in _flatten(table)]
     return Family(file=path, sha256=hashlib.sha256(blob).hexdigest(), source=source, target=target,
-                  suffixes=suffixes, description=desc, tags=list(tags), overrides=_flatten(over),
+                  suffixes=suffixes, description=desc, description_replace=dict(repl), tags=list(data.get("tags", [])), tags_drop=list(data.get("tags_drop", [])), overrides=_flatten(over),
                   overrides_for=overrides_for)
 
 
