@@ -1,0 +1,63 @@
+"""EED supplementary variants as zoo entries: the TRADES / MART chains (Table 6, entry families) and the
+max-combiner teams (Table 7). Loading and building only (no training)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from robbench.config import load_entry
+from robbench.data import get_info
+from robbench.eed.pipeline import pool_entries
+from robbench.models import build_model
+from robbench.models.eed_team import find_team
+from robbench.pruning import masked_layers
+
+CHAINS = [f"eed_{a}_cifar10_{m}" for a in ("resnet18", "vgg16") for m in ("trades", "mart")]
+
+
+@pytest.mark.parametrize("prefix", CHAINS)
+def test_trades_mart_chain_resolves_into_itself(prefix):
+    objective = prefix.rsplit("_", 1)[1]
+    at = load_entry(f"{prefix}_at")
+    assert at.train.method == objective and at.train.params["beta"] == 6.0  # App. A.1: original beta
+    assert at.train.params["init"] == "normal" and at.train.params["adv_steps"] == 20  # EED §5.1 attack
+    pool = pool_entries(prefix, ("nis", "erm", "ase", "bnsf"), (0, 1, 2))
+    assert len(pool) == 12
+    for name in pool:
+        fine = load_entry(name)
+        prune = load_entry(fine.train.init_from)
+        assert fine.train.init_from == f"{name}_prune"
+        for e in (prune, fine):
+            assert e.train.method == "score_prune" and e.train.params["objective"] == objective
+            assert e.train.params["dense_from"] == f"{prefix}_at"  # pruned from this chain's base
+        assert prune.train.params["phase"] == "prune" and fine.train.params["phase"] == "finetune"
+    team, mean = load_entry(f"{prefix}_team"), load_entry(f"{prefix}_team_mean")
+    assert team.train.method == "eed" and mean.train.init_from == f"{prefix}_team"
+    assert objective in team.tags and "table6" in team.tags and "table1" not in team.tags
+    # the team is the RD selection over this pool: the pipeline's --prefix names exactly these entries
+    assert all(n.startswith(f"{prefix}_") for n in pool)
+
+
+def test_trades_mart_entries_build():
+    # one chain built (the others resolve the same way, test above; building is seconds per network)
+    prefix = "eed_resnet18_cifar10_trades"
+    info = get_info("cifar10")
+    torch.manual_seed(0)
+    at = build_model(load_entry(f"{prefix}_at"), info)
+    assert not masked_layers(at)
+    pruned = build_model(load_entry(f"{prefix}_ase_1_prune"), info)
+    assert len(masked_layers(pruned)) > 10
+    team = find_team(build_model(load_entry(f"{prefix}_team"), info))
+    assert len(team.nets) == 2 and team.options.inference == "die"
+    with torch.no_grad():
+        assert team(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "vgg16"])
+def test_max_combiner_team_entries(arch):
+    e = load_entry(f"eed_{arch}_cifar10_team_max")
+    assert e.model.options["combiner"] == "max" and e.model.options["inference"] == "die"
+    assert e.train.epochs == 0 and e.train.init_from == f"eed_{arch}_cifar10_team"  # same weights
+    if arch == "resnet18":
+        team = find_team(build_model(e, get_info("cifar10")))
+        assert team.options.combiner == "max" and team.options.max_of == "probs"
