@@ -1,8 +1,12 @@
 """EED speed ratios (issue #10 "Speed"), measured in one process, interleaved, best of ``--reps``:
 
 1. A masked network (``model.transform = 'masked'``, fine-tune phase: weight * mask per layer) against the
-   same dense network, forward + backward of a training step (target <= 1.2x); and in the prune phase
-   (top-k of the scores recomputed every forward).
+   same dense network, forward + backward of a training step (target <= 1.2x); and in the prune phase,
+   where the scores change every step (each timed step bumps them, as the optimizer's update does) and
+   the top-k mask is recomputed: by selection (``kthvalue``, robbench) and by the references' full sort
+   (the same mask, run in the same process for the ratio before/after); and a prune-phase step with a
+   PGD-``--attack-steps`` attack first (every attack forward reuses the step's mask; the sort variant
+   recomputes on every forward, as before the cache).
 2. The exported member (``bake_masks``: mask-multiplied weights loaded into the dense architecture)
    against the dense network (target 1.0x: the same computation).
 3. The digits EED team: DIE's and the full mean's wall-time speed-up over the dense AT base, beside their
@@ -27,7 +31,7 @@ import torch.nn.functional as F
 from robbench.config import load_entry
 from robbench.data import get_info
 from robbench.models import build_model
-from robbench.pruning import bake_masks, set_phase
+from robbench.pruning import bake_masks, masked_layers, set_phase
 
 
 def best_time(fn: Callable[[], None], reps: int) -> float:
@@ -63,7 +67,59 @@ def train_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> Call
     return step
 
 
-def masked_vs_dense(entry_name: str, batch: int, size: int | None, reps: int) -> None:
+def bump_scores(model: torch.nn.Module) -> None:
+    """What an optimizer step does to the scores' version counters (the mask cache keys on them)."""
+    from robbench.pruning import masked_layers
+
+    with torch.no_grad():
+        for _, layer in masked_layers(model):
+            layer.scores.add_(0.0)
+
+
+def sort_recompute(model: torch.nn.Module) -> None:
+    """Make ``model``'s prune phase compute as before: full sort, mask recomputed on every forward."""
+    from robbench.pruning import masked_layers
+
+    def forget(layer: torch.nn.Module, _args: tuple) -> None:
+        layer._mask_key = None  # type: ignore[assignment]
+    for _, layer in masked_layers(model):
+        layer.register_forward_pre_hook(forget)  # type: ignore[attr-defined]
+
+
+def with_sort(fn: Callable[[], None]) -> Callable[[], None]:
+    import importlib
+
+    masked_mod = importlib.import_module("robbench.pruning.masked")  # the package exports a 'masked' name
+
+    def run() -> None:
+        fast = masked_mod.topk_mask
+        masked_mod.topk_mask = masked_mod.topk_mask_sort
+        try:
+            fn()
+        finally:
+            masked_mod.topk_mask = fast
+    return run
+
+
+def prune_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, attack_steps: int) -> Callable[[], None]:
+    """A prune-phase training step: scores updated, optional PGD attack (forward + input gradient per
+    iterate), then forward + backward of the loss."""
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step() -> None:
+        bump_scores(model)
+        xa = x
+        for _ in range(attack_steps):
+            xa = xa.detach().requires_grad_(True)
+            g, = torch.autograd.grad(F.cross_entropy(model(xa), y), [xa])
+            xa = (xa + 0.01 * g.sign()).clamp(0, 1)
+        for p in params:
+            p.grad = None
+        F.cross_entropy(model(xa.detach()), y).backward()
+    return step
+
+
+def masked_vs_dense(entry_name: str, batch: int, size: int | None, reps: int, attack_steps: int) -> None:
     entry = load_entry(entry_name)
     info = get_info(entry.data.dataset)
     torch.manual_seed(0)
@@ -82,12 +138,27 @@ def masked_vs_dense(entry_name: str, batch: int, size: int | None, reps: int) ->
     fine = train_step(masked, x, y)
     prune_model = copy.deepcopy(masked)
     set_phase(prune_model, "prune")
-    prune = train_step(prune_model, x, y)
-    t = interleaved({"dense": train_step(dense, x, y), "masked_finetune": fine, "masked_prune": prune,
+    prune_sort = copy.deepcopy(prune_model)
+    sort_recompute(prune_sort)
+    dense_step = train_step(dense, x, y)
+    t = interleaved({"dense": dense_step, "masked_finetune": fine,
+                     "masked_prune": prune_step(prune_model, x, y, 0),
+                     "masked_prune_sort": with_sort(prune_step(prune_sort, x, y, 0)),
                      "exported": train_step(exported, x, y)}, reps)
     print(f"[1] {entry_name} ({entry.model.arch} width {entry.model.width}), fwd+bwd, batch {batch}, {s}x{s}:")
     print(f"    dense {t['dense'] * 1e3:.1f} ms; masked fine-tune {t['masked_finetune'] / t['dense']:.3f}x "
-          f"(target <= 1.2x); masked prune phase (top-k every forward) {t['masked_prune'] / t['dense']:.3f}x")
+          f"(target <= 1.2x); masked prune phase (scores changed, top-k by selection) "
+          f"{t['masked_prune'] / t['dense']:.3f}x, by full sort {t['masked_prune_sort'] / t['dense']:.3f}x")
+    if attack_steps:
+        ta = interleaved({"dense": prune_step(dense, x, y, attack_steps),
+                          "masked_prune": prune_step(prune_model, x, y, attack_steps),
+                          "masked_prune_sort": with_sort(prune_step(prune_sort, x, y, attack_steps))},
+                         max(1, reps // 2))
+        print(f"    with a PGD-{attack_steps} attack per step: dense {ta['dense'] * 1e3:.1f} ms; masked prune "
+              f"phase (mask cached across the attack) {ta['masked_prune'] / ta['dense']:.3f}x, sort "
+              f"recomputed every forward {ta['masked_prune_sort'] / ta['dense']:.3f}x")
+    for (_, a), (_, b) in zip(masked_layers(prune_model), masked_layers(prune_sort)):
+        assert torch.equal(a.mask, b.mask), "selection and sort masks differ"
     print(f"[2] exported member (mask baked into dense weights) {t['exported'] / t['dense']:.3f}x dense (target 1.0x)")
     with torch.no_grad():
         masked.eval(), exported.eval()
@@ -133,10 +204,14 @@ def main() -> None:
     ap.add_argument("--runs-dir", default=None)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--attack-steps", type=int, default=10, help="PGD iterates of the prune step with an attack "
+                    "(0: skip; HARP's training attack: 10)")
+    ap.add_argument("--skip-cifar", action="store_true", help="only the digits network in [1]-[2]")
     a = ap.parse_args()
     torch.set_grad_enabled(True)
-    masked_vs_dense("demo_eed_nis_0", a.batch, None, a.reps)
-    masked_vs_dense("eed_resnet18_cifar10_nis_0", 32, None, max(2, a.reps // 2))
+    masked_vs_dense("demo_eed_nis_0", a.batch, None, a.reps, a.attack_steps)
+    if not a.skip_cifar:
+        masked_vs_dense("eed_resnet18_cifar10_nis_0", 32, None, max(2, a.reps // 2), a.attack_steps)
     die_speed(a.runs_dir, a.reps)
 
 

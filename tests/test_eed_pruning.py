@@ -197,3 +197,70 @@ def test_masks_live_in_the_safetensors_checkpoint(tmp_path):
         assert torch.equal(layer.mask, a[name].mask)
     fp = footprint(loaded.members[0], (1, 8, 8))
     assert fp.sparsity == pytest.approx(entry.model.transform_options["sparsity"], abs=0.01)
+
+
+def test_selection_mask_is_bit_identical_to_the_sort_mask():
+    from robbench.pruning.masked import topk_mask, topk_mask_sort
+
+    g = torch.Generator().manual_seed(0)
+    cases = [torch.rand(3, 4, 3, 3, generator=g), torch.randn(257, generator=g).abs(),
+             torch.randint(0, 4, (6, 50), generator=g).float(),  # many ties, some at the cut
+             torch.zeros(5, 5), torch.rand(64, 32, generator=g).double()]
+    cases.append(cases[0].permute(1, 0, 2, 3))  # not contiguous: flatten() order
+    splits = 0
+    for s in cases:
+        n = s.numel()
+        for j in sorted({0, 1, n // 3, n // 2, int(0.8 * n), int(0.95 * n), n - 1, n}):
+            want = topk_mask_sort(s, j)
+            got = topk_mask(s, j)
+            assert got.dtype == want.dtype and got.shape == want.shape and torch.equal(got, want), (s.shape, j)
+            if 0 < j < n:
+                v = s.flatten().sort().values[j]
+                splits += int((s < v).sum() != j)
+    assert splits > 0  # ties across the cut were exercised (the sort decides those)
+
+
+def test_prune_phase_mask_cache_gives_the_masks_and_gradients_of_recomputing():
+    from robbench.pruning.masked import cut_index, topk_mask_sort
+
+    torch.manual_seed(3)
+    net = _tiny_resnet()
+    initialise_scores(net, "erm")
+    twin = _tiny_resnet()
+    twin.load_state_dict(net.state_dict())
+    set_phase(net, "prune")
+    set_phase(twin, "prune")
+    opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.5)
+    x, y = torch.rand(8, 1, 8, 8), torch.randint(0, 10, (8,))
+    changed = 0
+    for step in range(3):
+        before = [l.mask.clone() for _, l in masked_layers(net)]
+        for _ in range(3):  # the attack's forwards reuse the step's mask
+            net(x)
+        opt.zero_grad()
+        nn.functional.cross_entropy(net(x), y).backward()
+        twin.load_state_dict(net.state_dict())
+        for _, b in masked_layers(twin):
+            b._mask_key = None  # the twin recomputes its masks from the same scores
+        twin.zero_grad()
+        nn.functional.cross_entropy(twin(x), y).backward()
+        for (_, a), (_, b), m0 in zip(masked_layers(net), masked_layers(twin), before):
+            assert torch.equal(a.mask, b.mask)
+            assert torch.equal(a.mask, topk_mask_sort(a.scores.detach().abs(), cut_index(a.rate(), a.scores.numel())))
+            assert torch.equal(a.scores.grad, b.scores.grad)
+            changed += int(not torch.equal(a.mask, m0))
+        opt.step()  # the scores change: the next forward recomputes
+    assert changed > 0
+
+
+def test_bracketed_selection_on_a_large_layer_is_exact():
+    from robbench.pruning.masked import BRACKET_MIN, kth_smallest, topk_mask, topk_mask_sort
+
+    g = torch.Generator().manual_seed(1)
+    s = torch.randn(BRACKET_MIN + 4099, generator=g).abs()
+    s[:2000] = 0.0  # a block of equal scores (as pruned weights' saliencies)
+    srt = s.sort().values
+    for j in (1, 1000, 2500, int(0.5 * s.numel()), int(0.95 * s.numel()), s.numel() - 1):
+        assert kth_smallest(s, j) == srt[j]
+    for j in (2500, int(0.95 * s.numel())):
+        assert torch.equal(topk_mask(s, j), topk_mask_sort(s, j))

@@ -3,7 +3,8 @@
 A masked layer keeps its dense ``weight`` and adds
 - ``scores`` (a Parameter shaped like ``weight``): the importance scores; the mask keeps the top-k of
   ``|scores|`` in the layer (HYDRA ``GetSubnet``: sort, zero the lowest ``int((1 - k) * numel)``, one
-  the rest) and passes the gradient straight through to the scores;
+  the rest; here a selection of the threshold gives the same mask, :func:`topk_mask`) and passes the
+  gradient straight through to the scores;
 - ``mask`` (a float buffer of 0/1 shaped like ``weight``): the mask in use. It is part of the state dict,
   so it lands in ``model.safetensors`` (hashed in the manifest) and every measurement (kept parameters,
   sparsity, FLOPs) reads it;
@@ -26,24 +27,75 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def topk_mask_sort(scores: torch.Tensor, j: int) -> torch.Tensor:
+    """The references' rule by sorting: zero the ``j`` lowest of ``scores`` (in sort order), one the rest."""
+    flat = torch.zeros(scores.numel(), dtype=scores.dtype, device=scores.device)
+    _, idx = scores.flatten().sort()  # flatten() follows the logical order whatever the memory format
+    flat[idx[j:]] = 1.0
+    return flat.view(scores.shape)
+
+
+BRACKET_MIN = 1 << 20  # layers this large select their threshold among a bracket of candidates
+BRACKET_SAMPLE = 1 << 14
+
+
+def kth_smallest(flat: torch.Tensor, j: int) -> torch.Tensor:
+    """The (j + 1)-th smallest of ``flat`` (``kthvalue(j + 1)``). A large layer first brackets it between
+    two quantiles of a fixed strided sample (no random numbers: the run's RNG streams stay as they
+    were), then selects within the bracket; a bracket that misses falls back to the whole layer, so
+    the value is always exact."""
+    n = flat.numel()
+    if n >= BRACKET_MIN:
+        sample = flat[::n // BRACKET_SAMPLE].sort().values
+        m = sample.numel()
+        q = j / n
+        half = 6.0 * (q * (1 - q) / m) ** 0.5 + 2.0 / m  # six standard errors of the sample quantile
+        lo, hi = sample[max(0, int((q - half) * m))], sample[min(m - 1, int((q + half) * m) + 1)]
+        below = int((flat < lo).sum())
+        cand = flat[(flat >= lo) & (flat <= hi)]
+        if below <= j < below + cand.numel():
+            return cand.kthvalue(j - below + 1).values
+    return flat.kthvalue(j + 1).values
+
+
+def topk_mask(scores: torch.Tensor, j: int) -> torch.Tensor:
+    """:func:`topk_mask_sort`'s mask without the full sort: the threshold v = the (j + 1)-th smallest
+    score (a selection, :func:`kth_smallest`), mask = scores >= v. That is the sort's mask exactly
+    unless scores equal to v fall on both sides of position j (a tie at the cut: which of them the
+    sort keeps depends on its order); then the sort itself decides."""
+    n = scores.numel()
+    if j <= 0:
+        return torch.ones_like(scores)
+    if j >= n:
+        return torch.zeros_like(scores)
+    keep = (scores >= kth_smallest(scores.flatten(), j)).to(scores.dtype)
+    if int(keep.sum()) != n - j:
+        return topk_mask_sort(scores, j)
+    return keep
+
+
+def cut_index(k: torch.Tensor | float, n: int) -> int:
+    """How many of ``n`` scores the keep fraction ``k`` zeroes: HYDRA's ``int((1 - k) * n)`` (a Python
+    float for a fixed rate, in double precision; HARP's learnable rate at its float32 value)."""
+    return int((1 - float(k.detach() if isinstance(k, torch.Tensor) else k)) * n)
+
+
 class TopKMask(torch.autograd.Function):
     """mask = top-``k`` fraction of ``scores`` (per layer); backward: straight-through to the scores and
-    ``sum(g)`` to ``k`` (HARP), as the references' ``GetSubnet``."""
+    ``sum(g)`` to ``k`` (HARP), as the references' ``GetSubnet``. ``known``: the mask these scores and
+    this ``k`` give, when already computed (the prune phase's cache), returned instead of recomputing."""
 
     @staticmethod
-    def forward(ctx, scores: torch.Tensor, k: torch.Tensor | float) -> torch.Tensor:  # type: ignore[override]
-        # k: a Python float for a fixed rate (HYDRA: int((1 - 0.2) * n) in double precision), a tensor
-        # for HARP's learnable rate (its float32 value, as HARP's rate_act_func output)
+    def forward(ctx, scores: torch.Tensor, k: torch.Tensor | float,  # type: ignore[override]
+                known: torch.Tensor | None = None) -> torch.Tensor:
         ctx.k_is_tensor = isinstance(k, torch.Tensor)
-        flat = torch.zeros(scores.numel(), dtype=scores.dtype, device=scores.device)
-        _, idx = scores.flatten().sort()  # flatten() follows the logical order whatever the memory format
-        j = int((1 - float(k)) * scores.numel())
-        flat[idx[j:]] = 1.0
-        return flat.view(scores.shape)
+        if known is not None:
+            return known.clone()
+        return topk_mask(scores, cut_index(k, scores.numel()))
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):  # type: ignore[override]
-        return g, (g.sum() if ctx.k_is_tensor else None)
+        return g, (g.sum() if ctx.k_is_tensor else None), None
 
 
 def keep_rate(k_score: torch.Tensor, k_min: float) -> torch.Tensor:
@@ -72,6 +124,8 @@ class MaskedMixin:
         # HARP layers.py: nn.init.constant_(self.k_score, 1.0) (the strategy file may replace it)
         self.k_score = nn.Parameter(torch.tensor(float(k_score_init))) if learn_rate else None
         self.learning_mask = False  # plain attribute: never in the state dict
+        # (scores storage, scores version, cut, mask version): the scores and cut ``mask`` was computed from
+        self._mask_key: tuple[int, int, int, int] | None = None
 
     def rate(self) -> torch.Tensor | float:
         """This layer's keep fraction (a tensor when learnable under HARP, else the fixed float)."""
@@ -81,17 +135,24 @@ class MaskedMixin:
 
     def effective_weight(self) -> torch.Tensor:
         if self.learning_mask:
-            m = TopKMask.apply(self.scores.abs(), self.rate())
-            with torch.no_grad():
-                self.mask.copy_(m.detach())
+            # the mask depends only on the scores and the cut: while neither changed (the attack's
+            # forwards within one training step, a forward and its backward) the stored mask is it
+            k = self.rate()
+            key = (self.scores.data_ptr(), self.scores._version, cut_index(k, self.scores.numel()))
+            known = self.mask if self._mask_key == (*key, self.mask._version) else None
+            m = TopKMask.apply(self.scores.abs(), k, known)
+            if known is None:
+                with torch.no_grad():
+                    self.mask.copy_(m.detach())
+                self._mask_key = (*key, self.mask._version)
             return self.weight * m
         return self.weight * self.mask
 
     @torch.no_grad()
     def refresh_mask(self) -> None:
         """Recompute ``mask`` from the scores (after a score initialiser; before freezing the scores)."""
-        k = self.rate()
-        self.mask.copy_(TopKMask.apply(self.scores.abs(), k.detach() if isinstance(k, torch.Tensor) else k))
+        self.mask.copy_(topk_mask(self.scores.abs(), cut_index(self.rate(), self.scores.numel())))
+        self._mask_key = None
 
     def masked_parameters(self) -> Iterator[nn.Parameter]:
         yield self.weight
