@@ -8,6 +8,12 @@ Every term EED leaves undefined is one named reading here, with the alternative 
   Div = -log det(M~^T M~ + 1e-6 I) with M~'s columns each member's L2-normalised non-true-class
   probabilities (log offset 1e-20). Defaults alpha = 2, beta = 0.5 (ADP README, CIFAR); alpha = beta = 0
   gives plain summed CE.
+- L_E with GAL's diversity (supp. C.2, Table 9 "EED+GAL"; ``ensemble_loss = 'gal'``): sum_i CE_i +
+  beta * coherence, coherence = mean_batch log sum_{a<b} exp(cos(g_a, g_b)) of the members' input
+  gradients g_i = dCE_i/dx (Kariyappa & Qureshi's GAL as DVERGE's ``train_gal.py`` ports it, double
+  backprop). GAL has no ensemble-entropy term, so alpha is unused; beta = 0.5 is ADP's and GAL's
+  lambda alike. EED's Eq. 33 also names a Jensen-Shannon prediction-diversity term against label-
+  smoothed targets; its formula is not in the text, so it is left out (a partial reading).
 - L_R (Eq. 15, after iGAT, Deng & Mu 2023) is printed as -err(h(x), y) * log(1 - C * max_i max_j h_i^j(x)).
   "1 - C * max" can be negative and C is never defined, so the reading is ``lr_c = 1`` and the max over
   the *wrong* classes j != y (``lr_wrong_only = true``): -1[argmax h != y] * log(1 - max_i max_{j!=y} p_i^j),
@@ -54,6 +60,19 @@ def ensemble_loss(logits: Sequence[torch.Tensor], y: torch.Tensor, alpha: float,
     div = -log_det_diversity(probs, y).mean() if (beta and len(probs) > 1) else torch.zeros((), device=y.device)
     loss = ce + alpha * reg + beta * div
     return loss, {"ce": float(ce.detach()), "reg": float(reg.detach()), "div": float(div.detach())}
+
+
+def gal_ensemble_loss(logits: Sequence[torch.Tensor], x: torch.Tensor, y: torch.Tensor,
+                      beta: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """L_E with GAL's gradient coherence for ``logits`` computed from ``x`` (which requires grad)."""
+    from robbench.train.methods.gal import gal_coherence
+
+    ces = [F.cross_entropy(z, y) for z in logits]
+    grads = torch.stack([torch.autograd.grad(ce, x, create_graph=True)[0].flatten(1) for ce in ces])
+    coh = gal_coherence(grads)
+    ce = sum(ces)
+    loss = ce + beta * coh
+    return loss, {"ce": float(ce.detach()), "coherence": float(coh.detach())}  # type: ignore[union-attr]
 
 
 def misclassification_loss(logits: Sequence[torch.Tensor], y: torch.Tensor, c: float = 1.0,

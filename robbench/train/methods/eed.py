@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from robbench.config import opt
-from robbench.eed.losses import activation_l1, ensemble_loss, misclassification_loss, weight_l1
+from robbench.eed.losses import (activation_l1, ensemble_loss, gal_ensemble_loss, misclassification_loss,
+                                 weight_l1)
 from robbench.errors import ConfigError, UserError
 from robbench.models.eed_team import TeamNet, find_team
 from robbench.pruning.masked import set_phase
@@ -45,6 +46,8 @@ class EEDOptions(AdvBaseOptions):
     lr_wrong_only: bool = opt(True, help="L_R's max over wrong classes only (iGAT reading); false = all classes")
     lc_normalise: bool = opt(True, help="L_C terms as means over their elements (false: raw sums, as printed)")
     activation_site: Literal["penultimate", "logits"] = opt("penultimate", help="activations in L_C's L0 (L1) term")
+    ensemble_loss: Literal["adp", "gal"] = opt("adp", help="L_E's Reg/Div: ADP's entropy and log-det (default "
+                                                           "reading) or GAL's gradient coherence (supp. C.2, Table 9)")
     train_on: Literal["adv", "clean"] = opt("adv", help="inputs of L_EED: PGD examples of the team (AT) or clean")
 
 
@@ -137,6 +140,8 @@ class EED(Method):
         team = self.team
         assert team is not None
         x = craft(self._mean_output, ctx.model, batch.x, batch.y, o, "ce") if o.train_on == "adv" else batch.x
+        if o.ensemble_loss == "gal":  # input gradients of every member's CE (double backprop)
+            x = x.detach().requires_grad_(True)
         feats: list[torch.Tensor] = []
         handles = _classifier_input_hooks(list(team.nets), feats) if o.activation_site == "penultimate" else []
         try:
@@ -144,7 +149,10 @@ class EED(Method):
         finally:
             for h in handles:
                 h.remove()
-        l_e, metrics = ensemble_loss(logits, batch.y, o.alpha, o.beta)
+        if o.ensemble_loss == "gal":
+            l_e, metrics = gal_ensemble_loss(logits, x, batch.y, o.beta)
+        else:
+            l_e, metrics = ensemble_loss(logits, batch.y, o.alpha, o.beta)
         l_r = misclassification_loss(logits, batch.y, o.lr_c, o.lr_wrong_only)
         acts = feats if o.activation_site == "penultimate" else logits
         l_c = o.lambda1 * weight_l1(list(team.nets), o.lc_normalise) + o.lambda2 * activation_l1(acts, o.lc_normalise)
