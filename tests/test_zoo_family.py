@@ -136,3 +136,119 @@ def test_train_derived_digits_entry(zoo, tmp_path):
     # the next member names the derived base: its prerequisite error points inside the derived chain
     res = CliRunner().invoke(main, ["train", "demo_eed_s50_erm_0", "--runs-dir", str(runs), "--device", "cpu"])
     assert res.exit_code == 2 and "demo_eed_s50_erm_0_prune" in res.output, res.output
+
+
+# ----------------------------------------------------------------------------------------------
+# EED supplementary Tables 4, 5 and 8: the family-derived entries the views name
+# ----------------------------------------------------------------------------------------------
+
+BUDGETS = {"5.6M": 0.50, "3.4M": 0.70, "2.2M": 0.80, "1.1M": 0.90, "0.6M": 0.95}  # Table 5 -> s_r (families)
+POOL = [f"{s}_{m}" for s in ("nis", "erm", "ase", "bnsf") for m in (0, 1, 2)]
+
+
+def _expected(table: str, label: str) -> tuple[float, int, str]:
+    """(s_r, d, architecture) a Table 4/5/8 row stands for, from its label (EED supp. B.1, B.2, B.5)."""
+    import re
+
+    if table == "4":
+        return 0.90, 4, {"ResNet50": "resnet50", "ResNet101": "resnet101"}[label.split("/")[0]]
+    if table == "5":
+        m = re.search(r"\((\d\.\dM)\)$", label)
+        return (BUDGETS[m.group(1)] if m else 0.0), 4, "resnet18"
+    m = re.fullmatch(r"EED d=(\d) \[s(\d\d)\]", label)
+    return int(m.group(2)) / 100, int(m.group(1)), "resnet18"
+
+
+def _rows():
+    from robbench.report.views import load_views
+
+    return [(v.table, v.dataset, label, e) for v in load_views().view if v.paper == "eed" and v.table in ("4", "5", "8")
+            for label, e in v.rows.items() if e]
+
+
+def _keeps(entry) -> list[float]:
+    """Every masked layer's target keep fraction, from the model built on the meta device (no weights)."""
+    import torch
+
+    from robbench.data import get_info
+    from robbench.models.build import build_model
+    from robbench.pruning.masked import MaskedMixin
+
+    with torch.device("meta"):
+        net = build_model(entry, get_info(entry.data.dataset))
+    return [m.keep for m in net.modules() if isinstance(m, MaskedMixin)]
+
+
+def test_table_rows_name_entries_with_the_rows_settings():
+    rows = _rows()
+    assert len(rows) >= 50  # Table 4: 11, Table 5: 2 x 16, Table 8: 2 x 6 mapped rows
+    zoo = set(list_entries())
+    for table, dataset, label, name in rows:
+        s_r, d, arch = _expected(table, label)
+        e = load_entry(name)
+        assert e.data.dataset == dataset, (label, name)
+        kind = name.rsplit("_", 1)[-1]
+        if kind == "at":
+            assert e.model.arch == arch and e.train.method == "pgd_at" and e.model.transform is None, name
+        elif kind in ("hydra", "harp"):
+            assert e.model.arch == arch and e.model.transform_options["sparsity"] == pytest.approx(s_r), name
+            assert e.model.transform_options["learn_rates"] is (kind == "harp"), name
+            assert load_entry(e.train.init_from).train.params.get("dense_from") == e.method_params.dense_from
+        else:  # an EED team: its pool has d - 1 sub-models per score (d = 1: one, on the whole set)
+            assert kind == "team" and e.model.arch == "eed_team" and e.model.options["base_arch"] == arch, name
+            c_r = 1 - (1 - s_r) / 4  # §5.1: 80% -> 95%, the same factor at every rate
+            assert e.model.transform_options["sparsity"] == pytest.approx(c_r), name
+            prefix = name[: -len("_team")]
+            members = [m for m in POOL if int(m[-1]) < max(d - 1, 1)]
+            assert {m for m in POOL if f"{prefix}_{m}" in zoo} == set(members), name
+            for m in members:
+                p = load_entry(f"{prefix}_{m}_prune")
+                assert p.model.transform_options["sparsity"] == pytest.approx(c_r) and p.model.arch == arch
+                assert p.method_params.subset == ("all" if d == 1 else "eed"), p.name
+                assert p.method_params.dense_from == f"{prefix}_at" and p.data.dataset == dataset
+                assert p.method_params.hw_gamma == (0.1 if table == "4" else 0.01)  # App. A.1
+                assert load_entry(f"{prefix}_{m}").train.init_from == p.name
+            base = load_entry(f"{prefix}_at")
+            if table != "4" and base._family is not None:  # budget / d sweeps prune the Table 1 AT base
+                assert base.train.epochs == 0 and base.train.init_from == f"eed_resnet18_{dataset}_at"
+
+
+def test_budgets_are_the_sparsity_of_the_built_models():
+    """Table 5's budgets and Table 4's Params column are the dense parameter counts times (1 - s_r), for
+    the models robbench builds (meta device: no weights), and the built layers keep what the entry says."""
+    import torch
+
+    from robbench.data import get_info
+    from robbench.models.build import build_model
+
+    def dense(name: str) -> int:
+        e = load_entry(name)
+        with torch.device("meta"):
+            return sum(p.numel() for p in build_model(e, get_info(e.data.dataset)).parameters())
+
+    n18 = dense("eed_resnet18_cifar10_at")
+    assert 11.1e6 < n18 < 11.25e6  # Table 5: 11.2M
+    for budget, s_r in BUDGETS.items():
+        assert abs((1 - float(budget[:-1]) * 1e6 / n18) - s_r) < 0.01, budget
+    for name, params, kept in (("eed_resnet50_imagenet_at", 25.6e6, 2.6e6), ("eed_resnet101_imagenet_at", 44.6e6, 4.5e6)):
+        n = dense(name)
+        assert abs(n / params - 1) < 0.002 and abs((1 - kept / n) - 0.90) < 0.005, name  # 44.55M printed 44.6M
+    for name, keep in (("eed_resnet18_cifar10_s95_nis_0_prune", 0.0125), ("eed_resnet18_svhn_s70_hydra_prune", 0.3),
+                       ("eed_resnet101_imagenet_bnsf_2_prune", 0.025), ("eed_resnet50_cifar100_harp_prune", 0.1),
+                       ("eed_resnet18_cifar10_s50_d1_team", 0.125)):
+        keeps = _keeps(load_entry(name))
+        assert len(keeps) > 20 and all(k == pytest.approx(keep) for k in keeps), name
+
+
+def test_eed_report_renders_the_derived_rows_not_run(tmp_path):
+    from robbench.report import write_report
+
+    write_report(paper="eed", out=tmp_path / "out", db=tmp_path / "none.db", runs_dir=tmp_path / "runs", fmt="md",
+                 screenshot=False)
+    text = (tmp_path / "out" / "eed" / "README.md").read_text()
+    for row in ("| HYDRA (1.1M) | not run (76.74) |", "| EED d=1 [s50] | not run (84.53) |",
+                "| ResNet101/EED(ours) | not run (74.10) |", "| ResNet50/HARP | not run (62.51) |"):
+        assert row in text, row
+    for name in ("eed_resnet18_cifar10_s90_hydra", "eed_resnet18_cifar10_s50_d1_team", "eed_resnet101_imagenet_team",
+                 "eed_resnet18_svhn_s95_harp", "eed_resnet50_cifar100_harp"):
+        assert f"`{name}`" in text, name
