@@ -423,17 +423,25 @@ def test_untargeted_option_ascends_the_true_label_ce():
 
 # ---------------------------------------------------------------------------------------------------
 # the paper's claims at digits scale (issue #11): demo_xie_* trained as `robbench train` does, attacked
-# with protocols/demo-xie.toml (targeted PGD-200, eps 0.2, step eps/16, all 450 test images).
-# Measured once per entry per module; each claim asserts what held at seed 0 with a margin.
+# with protocols/demo-xie.toml's targeted PGD-200 (eps 0.2, step eps/16, all 450 test images).
+# One module fixture trains and attacks each entry once for every claim; each claim asserts what held at
+# seed 0 with a margin. Only the pgd200 attack runs: no claim reads the protocol's pgd10, and all 450
+# images are kept because the MBN margin needs them (first 150 / 225 / 300 images at seed 0: MBN - BN
+# = 1.3 / 3.6 / 3.3 points, against 4.9 on all 450; per-image outcomes do not depend on the subset).
 # ---------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def digits_xie(tmp_path_factory):
-    """entry -> {(attack, steps): accuracy %} on demo-xie, training and attacking each entry once."""
+    """entry -> {(attack, steps): accuracy %} on demo-xie's pgd200, training and attacking each entry once."""
+    import dataclasses
+
     from robbench.evaluate.engine import evaluate_protocol
+    from robbench.evaluate.protocol import load_protocol
     from robbench.store import Store
     from robbench.train.run import train_entry
 
+    proto = load_protocol("demo-xie")
+    proto = dataclasses.replace(proto, attacks=[a for a in proto.attacks if a.id == "pgd200"])
     root = tmp_path_factory.mktemp("xie_digits")
     runs, db = root / "runs", root / "robbench.db"
     cache: dict[str, dict] = {}
@@ -441,7 +449,7 @@ def digits_xie(tmp_path_factory):
     def measure(entry: str) -> dict:
         if entry not in cache:
             train_entry(f"zoo/{entry}", runs_dir=runs, progress=False, memory_format="contiguous")
-            run_id = evaluate_protocol("demo-xie", [entry], runs_dir=runs, db=db, quiet=True,
+            run_id = evaluate_protocol(proto, [entry], runs_dir=runs, db=db, quiet=True,
                                        memory_format="contiguous")[entry]
             with Store(db) as st:
                 df = st.outcomes(run_id)
@@ -456,22 +464,24 @@ def digits_xie(tmp_path_factory):
 @pytest.mark.slow
 def test_digits_bn_fewer_clean_images_give_higher_targeted_pgd_accuracy(digits_xie):
     """§4.1 / Figure 1: with BatchNorm, fewer clean images give higher PGD-2000 accuracy (ImageNet:
-    r = 0 39.2%, r = 1 20.9%). Digits at PGD-200 (contiguous format), seed 0: r = 0 61.1%, r = 1 51.3%;
-    seeds 1 / 2: 70.0 / 64.9% vs 55.6 / 49.3%. The issue's r = 0 vs r = 0.5 comparison does not hold
-    reliably here and is not asserted: r = 0.5 gave 64.0% at seed 0 (above r = 0), 62.2 / 53.1% at seeds
-    1 / 2 (below), and 61.1% vs r = 0's 62.9% at seed 0 trained in channels_last."""
+    r = 0 39.2%, r = 1 20.9%). Digits at PGD-200 (contiguous format): r = 0 61.1 / 66.4 / 64.9% and
+    r = 1 52.9 / 59.1 / 48.4% at seeds 0 / 1 / 2 (+8.2, +7.3, +16.4). Not asserted: the reference's PGD-10
+    (step eps/10), where r = 0 leads by only +1.1 / +0.2 / +9.8 points, and the issue's r = 0 vs r = 0.5,
+    which does not hold reliably here (r = 0.5 gave 64.0% at seed 0, above r = 0, in an earlier
+    measurement; 62.2 / 53.1% at seeds 1 / 2, below)."""
     r0, r100 = digits_xie("demo_xie_r0"), digits_xie("demo_xie_r100")
     assert r0["n"] == r100["n"] == 450
     assert r0[("pgd200", 200)] >= r100[("pgd200", 200)] + 5.0
-    assert r0[("pgd10", 10)] >= r100[("pgd10", 10)] + 2.0
 
 
 @pytest.mark.slow
 def test_digits_mbn_adv_is_at_least_as_robust_as_bn_on_the_same_mixture(digits_xie):
     """§4.2 / Tables 1-2: MBN_adv trained on 100% adv + 100% clean secures robustness that plain BN on the
-    same mixture loses (ImageNet PGD-2000 38.3% vs 20.9%). Digits at PGD-200, seeds 1 / 2: MBN_adv
-    60.2 / 52.9%, BN 55.6 / 49.3% (seed 0 in channels_last: 58.7% vs 52.7%)."""
+    same mixture loses (ImageNet PGD-2000 38.3% vs 20.9%). Digits at PGD-200: MBN_adv 57.8 / 58.2 / 53.6%,
+    BN 52.9 / 59.1 / 48.4% at seeds 0 / 1 / 2 (+4.9, -0.9, +5.1): it holds at seeds 0 and 2 only, so the
+    seed-0 assertion is a measurement of that seed, not of every seed."""
     mbn, bn = digits_xie("demo_xie_mbn_r100"), digits_xie("demo_xie_r100")
+    assert mbn["n"] == 450
     assert mbn[("pgd200", 200)] >= bn[("pgd200", 200)] + 3.0
 
 
@@ -479,7 +489,8 @@ def test_digits_mbn_adv_is_at_least_as_robust_as_bn_on_the_same_mixture(digits_x
 def test_digits_targeted_pgd_accuracy_falls_then_levels_off_in_one_run(digits_xie):
     """Figure 2: accuracy falls with more iterations and, for 100% adv + 0% clean, levels off. One
     200-step run records every count (pgd200@steps=K rows of one store run). Digits, seed 0:
-    86.4 / 72.2 / 63.1 / 61.1 / 61.1 % at 10 / 20 / 50 / 100 / 200 steps."""
+    86.0 / 72.2 / 62.4 / 61.3 / 61.1 % at 10 / 20 / 50 / 100 / 200 steps (seeds 1 / 2: 88.4 -> 66.4,
+    88.7 -> 64.9, unchanged from 100 to 200)."""
     r0 = digits_xie("demo_xie_r0")
     curve = [r0[("pgd200", k)] for k in (10, 20, 50, 100, 200)]
     assert all(b <= a + 0.5 for a, b in zip(curve, curve[1:]))  # never rises by more than 2 of 450 samples
