@@ -252,3 +252,14 @@ def test_eed_report_renders_the_derived_rows_not_run(tmp_path):
     for name in ("eed_resnet18_cifar10_s90_hydra", "eed_resnet18_cifar10_s50_d1_team", "eed_resnet101_imagenet_team",
                  "eed_resnet18_svhn_s95_harp", "eed_resnet50_cifar100_harp"):
         assert f"`{name}`" in text, name
+
+
+def test_description_replace_tags_drop_and_member_alternatives(zoo):
+    text = 'tags_drop = ["pool"]\n' + FAMILY.replace('[set_for."at"]', '[set_for."at|team"]')
+    text += '\n[description_replace]\n"NIS sub-model 0" = "NIS sub-model zero"\n'
+    (zoo / "demo_eed_s50.family.toml").write_text(text)
+    nis = load_entry("demo_eed_s50_nis_0")
+    assert "NIS sub-model zero" in nis.description and "pool" not in nis.tags and nis.tags[-1] == "s50"
+    assert "pool" in load_entry("demo_eed_nis_0").tags
+    assert load_entry("demo_eed_s50_team").train.epochs == 1 == load_entry("demo_eed_s50_at").train.epochs
+    assert nis.train.epochs != 1
