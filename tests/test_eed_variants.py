@@ -117,3 +117,16 @@ def test_gal_loss_double_backprop_through_a_masked_team():
     w = [l.weight for _, l in masked_layers(team.nets[1])]
     assert all(p.grad is not None for p in w) and sum(p.grad.abs().sum() for p in w) > 0
     assert -1.0 <= m["coherence"] <= 1.0 + 1e-6  # log(exp(cos)) for one pair = cos
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "vgg16"])
+def test_mad_like_baseline_entries(arch):
+    prune = load_entry(f"eed_{arch}_cifar10_mad_prune")
+    fine = load_entry(f"eed_{arch}_cifar10_mad")
+    p = prune.train.params
+    assert prune.train.epochs == 0 and p["score"] == "ase" and p["saliency"] == "mad"  # one-shot MAD
+    assert p["mask_steps"] == 20 and p["mask_lr"] == 0.1 and p["dense_from"] == f"eed_{arch}_cifar10_at"
+    assert prune.model.transform_options == {"sparsity": 0.8, "learn_rates": False}
+    f = fine.train.params
+    assert fine.train.init_from == prune.name and fine.train.epochs == 60
+    assert f["phase"] == "finetune" and f["objective"] == "mart" and f["beta"] == 0.5
