@@ -29,7 +29,7 @@ DEMO_PAPER = "demo"
 # sets are cached for all). Named, not discovered: every demo protocol costs minutes of the 15-minute
 # budget, and the EED part runs its own (demo-eed, inside robbench.eed.pipeline). demo-autoattack is for
 # your own models (README, "Bring your own model"); AutoAttack on every demo entry would double the demo.
-DEMO_PROTOCOLS = ("demo-blackbox", "demo-whitebox", "demo-transferability")
+DEMO_PROTOCOLS = ("demo-blackbox", "demo-whitebox", "demo-transferability", "demo-distillation")
 EIO_DERIVED_TAG = "eio-finetuned"   # entries fine-tuned from paths derived from an RGN (robbench derive)
 EIO_PATHS = 1                       # one derived model: the EIO tables' '/1' rows (preprint Tables 3-4)
 # Not attacked by the demo: the random gated networks themselves (their white-box evaluation needs EOT,

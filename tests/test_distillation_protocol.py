@@ -248,6 +248,18 @@ def test_cli_evaluate_demo_distillation_and_report(runs: Path, tmp_path: Path):
     assert md.exit_code == 0, md.output
     text = "\n".join(f.read_text() for f in (tmp_path / "md").rglob("*.md"))
     assert "not run (1.056)" in text and "not run (4.738)" in text and "n=40 seed=0" in text
+    assert "Cell: reproduced mean over the samples, then the 95% normal interval of the mean" in text
+    assert "Cell: reproduced accuracy" not in text.split("Feature distillation and diversity loss")[1].split("##")[0]
+    # the protocol's own page: one row per (entry, eps), mean distance and loss, not accuracies
+    page = CliRunner().invoke(main, ["report", "--paper", "demo-distillation", "--out", str(tmp_path / "pp"), "--db",
+                                     str(db), "--runs-dir", str(runs), "--no-screenshot", "--format", "json"])
+    assert page.exit_code == 0, page.output
+    own = [c for f in (tmp_path / "pp").rglob("*.json") for c in _records(json.loads(f.read_text()))]
+    assert {c["row"] for c in own} == {f"demo_baseline_x3 eps={e:g}" for e in (0.09, 0.15, 0.21)}, own
+    for c in own:
+        at = df[((df["eps"] - float(c["row"].split("=")[1])).abs() < 1e-9)
+                & (df["attack"] == (DISTANCE if c["column"] == "distance" else DIVERSITY_LOSS))]
+        assert abs(c["reproduced"] - at.groupby("sample")["margin"].mean().mean()) < 1e-5
 
 
 def _records(obj) -> list[dict]:

@@ -175,7 +175,7 @@ def test_dverge_table2_has_a_view_on_two_standard_resnet20s(spec):
     v = view(spec, "dverge", "2")
     rows, cols = table_layout("dverge", "2")
     assert list(v.rows) == rows and set(v.rows.values()) == {"baseline_resnet20_x3"}
-    assert all(v.measure(c).kind == "none" for c in cols)  # no protocol measures distances yet
+    assert v.protocol == "dverge-distillation" and all(v.measure(c, r).kind == "mean" for r in rows for c in cols)
     assert load_entry("baseline_resnet20_x3").train.method == "baseline"  # "trained in a standard way"
 
 
@@ -237,7 +237,7 @@ def test_report_renders_every_table_with_unrun_cells(tmp_path: Path, spec):
         assert f"{v.title}\n" in pages[v.paper], (v.paper, v.table)
     assert "| EIO(top21)/1 | not run (88.5) |" in pages["eio"]
     assert "| ADP/3 | not run (93.3) |" in pages["dverge"]  # Table 6, ADP copy
-    assert "| eps=0.03 | n/m (1.056) | n/m (1.726) |" in pages["dverge"]
+    assert "| eps=0.03 | not run (1.056) | not run (1.726) |" in pages["dverge"]  # Table 2: a measured protocol now
 
 
 # ------------------------------------------------------------------ item 10: heatmaps at other eps

@@ -11,7 +11,7 @@ from robbench.paths import PROTOCOLS_DIR
 from robbench.report.flags import protocol_info
 from robbench.report.measures import eps_values
 from robbench.report.results import Results
-from robbench.report.views import Heatmap, Iterations, PaperInfo, View, ViewsFile, load_views
+from robbench.report.views import Heatmap, Iterations, Measure, PaperInfo, View, ViewsFile, load_views
 
 
 
@@ -35,6 +35,9 @@ def protocol_views(protocol: str, results: Results) -> ViewsFile:
             spec.heatmap.append(Heatmap(paper=protocol, protocol=protocol, eps=e, attack=_transfer_attack(results, runs),
                                         title=f"Within-ensemble transferability, eps {e:g}"))
         return spec
+    if info["kind"] == "distillation":
+        spec.view.append(_distillation_view(protocol, runs, eps))
+        return spec
     view = View(paper=protocol, table=protocol, title=f"Accuracy vs eps, {protocol}", protocol=protocol,
                 compare=False, columns=["clean", *[f"{e:g}" for e in eps]],
                 rows={r.entry: r.entry for r in sorted(runs, key=lambda r: r.entry)}, curves=True, own_runs=False)
@@ -42,6 +45,22 @@ def protocol_views(protocol: str, results: Results) -> ViewsFile:
     if any((results.outcomes(r)["steps"] != FINAL).any() for r in runs):
         spec.iterations.append(Iterations(paper=protocol, protocol=protocol))
     return spec
+
+
+def _distillation_view(protocol: str, runs: list[Any], eps: list[float]) -> View:
+    """A distillation protocol's page: one row per (entry, eps), its mean distance and diversity loss (the
+    measurement's values are not accuracies, and one row per entry would mix every eps in one mean)."""
+    rows: dict[str, str] = {}
+    row_eps: dict[str, float] = {}
+    for r in sorted(runs, key=lambda r: r.entry):
+        for e in eps:
+            label = f"{r.entry} eps={e:g}"
+            rows[label], row_eps[label] = r.entry, e
+    return View(paper=protocol, table=protocol, title=f"Distillation distance and diversity loss vs eps, {protocol}",
+                protocol=protocol, compare=False, columns=["distance", "diversity loss"], rows=rows,
+                row_eps=row_eps, own_runs=False,
+                measures={"distance": Measure(kind="mean", attacks=["distance"]),
+                          "diversity loss": Measure(kind="mean", attacks=["diversity-loss"])})
 
 
 def _transfer_attack(results: Results, runs: list[Any]) -> str:

@@ -128,7 +128,16 @@ class PaperReport:
         ref_p, ref_t = view.ref_paper_table
         has_ref = bool(table_layout(ref_p, ref_t)[0])
         self.md += [f"## {table_label(view.table)}{view.title}", ""]
-        if not has_ref:
+        if t.columns and all(view.measure(c).kind == "mean" for c in t.columns):
+            mean = "Cell: reproduced mean over the samples, then the 95% normal interval of the mean"
+            if has_ref and view.compare:
+                mean += (" (published, Δ where the published number comes from the same dataset and protocol). "
+                         "`not run`: no finished evaluation yet.")
+            elif has_ref:
+                mean += (f". The published numbers ({ref_p} Table {ref_t}) come from another setting and are "
+                         f"listed below for shape, not differenced.")
+            self.md.append(mean if mean.endswith(".") else mean + ".")
+        elif not has_ref:
             self.md.append("Cell: accuracy in %, then the 95% Wilson interval (no published numbers for this table).")
         elif view.compare:
             self.md.append("Cell: reproduced accuracy in % (published, Δ where the published number comes from the same "
