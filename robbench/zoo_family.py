@@ -144,13 +144,27 @@ def read_family(path: Path, file_entries: set[str]) -> Family:
                   overrides_for=overrides_for)
 
 
+# directory -> (what the index was built from, the index): listing the zoo resolves every derived entry,
+# and re-reading every family file for each of them made that several seconds slower
+_CACHE: dict[Path, tuple[Any, dict[str, tuple[Family, str]]]] = {}
+
+
 def index(directory: Path) -> dict[str, tuple[Family, str]]:
     """Every derived entry of the family files in ``directory``: name -> (family, member suffix).
-    A derived name that is also a file entry, or that two families derive, is refused."""
+    A derived name that is also a file entry, or that two families derive, is refused. Cached until a
+    family file's bytes or the set of file entries change. Paths are absolute (the cache outlives a chdir)."""
+    directory = directory.resolve()
     files = sorted(directory.glob(f"*{SUFFIX}"))
     if not files:
         return {}
     file_entries = {p.stem for p in directory.glob("*.toml") if not is_family_file(p)}
+    try:
+        key = (frozenset(file_entries), tuple((p.name, p.read_bytes()) for p in files))
+    except OSError:
+        key = None  # read_family names the unreadable file
+    hit = _CACHE.get(directory)
+    if key is not None and hit is not None and hit[0] == key:
+        return hit[1]
     out: dict[str, tuple[Family, str]] = {}
     for path in files:
         fam = read_family(path, file_entries)
@@ -163,6 +177,7 @@ def index(directory: Path) -> dict[str, tuple[Family, str]]:
                 raise ConfigError(f"derives {name!r}, which {out[name][0].file.name} derives too", file=str(path),
                                   field="to")
             out[name] = (fam, s)
+    _CACHE[directory] = (key, out)
     return out
 
 
