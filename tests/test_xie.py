@@ -425,9 +425,10 @@ def test_untargeted_option_ascends_the_true_label_ce():
 # the paper's claims at digits scale (issue #11): demo_xie_* trained as `robbench train` does, attacked
 # with protocols/demo-xie.toml's targeted PGD-200 (eps 0.2, step eps/16, all 450 test images).
 # One module fixture trains and attacks each entry once for every claim; each claim asserts what held at
-# seed 0 with a margin. Only the pgd200 attack runs: no claim reads the protocol's pgd10, and all 450
-# images are kept because the MBN margin needs them (first 150 / 225 / 300 images at seed 0: MBN - BN
-# = 1.3 / 3.6 / 3.3 points, against 4.9 on all 450; per-image outcomes do not depend on the subset).
+# seed 0 with a margin. Only the pgd200 attack runs: no claim reads the protocol's pgd10. All 450 images
+# are kept because the margins need them: on the first 150 / 225 / 300 images at seed 0, MBN - BN is
+# 1.3 / 3.6 / 3.3 points (4.9 on all 450) and r0 - r100 6.0 / 5.8 / 6.7 (8.2); per-image outcomes do not
+# depend on the subset, so these were read from the 450-image runs.
 # ---------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
