@@ -140,8 +140,9 @@ def read_family(path: Path, file_entries: set[str]) -> Family:
                               field=f"set_for.{pat}")
         overrides_for += [(pat, k, v) for k, v in _flatten(table)]
     return Family(file=path, sha256=hashlib.sha256(blob).hexdigest(), source=source, target=target,
-                  suffixes=suffixes, description=desc, description_replace=dict(repl), tags=list(data.get("tags", [])), tags_drop=list(data.get("tags_drop", [])), overrides=_flatten(over),
-                  overrides_for=overrides_for)
+                  suffixes=suffixes, description=desc, description_replace=dict(repl),
+                  tags=list(data.get("tags", [])), tags_drop=list(data.get("tags_drop", [])),
+                  overrides=_flatten(over), overrides_for=overrides_for)
 
 
 # directory -> (what the index was built from, the index): listing the zoo resolves every derived entry,
