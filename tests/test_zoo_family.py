@@ -181,7 +181,7 @@ def _keeps(entry) -> list[float]:
 
 def test_table_rows_name_entries_with_the_rows_settings():
     rows = _rows()
-    assert len(rows) >= 50  # Table 4: 11, Table 5: 2 x 16, Table 8: 2 x 6 mapped rows
+    assert len(rows) >= 60  # Table 4: 13, Table 5: 2 x 21, Table 8: 2 x 6 mapped rows
     zoo = set(list_entries())
     for table, dataset, label, name in rows:
         s_r, d, arch = _expected(table, label)
@@ -190,7 +190,7 @@ def test_table_rows_name_entries_with_the_rows_settings():
         kind = name.rsplit("_", 1)[-1]
         if kind == "at":
             assert e.model.arch == arch and e.train.method == "pgd_at" and e.model.transform is None, name
-        elif kind in ("hydra", "harp"):
+        elif kind in ("hydra", "harp", "mad"):
             assert e.model.arch == arch and e.model.transform_options["sparsity"] == pytest.approx(s_r), name
             assert e.model.transform_options["learn_rates"] is (kind == "harp"), name
             assert load_entry(e.train.init_from).train.params.get("dense_from") == e.method_params.dense_from
