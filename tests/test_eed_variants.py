@@ -130,3 +130,31 @@ def test_mad_like_baseline_entries(arch):
     f = fine.train.params
     assert fine.train.init_from == prune.name and fine.train.epochs == 60
     assert f["phase"] == "finetune" and f["objective"] == "mart" and f["beta"] == 0.5
+
+
+def test_dverge_ensemble_loss_by_hand_and_the_method_asks_for_a_second_stream():
+    from torch.nn import functional as F
+
+    from robbench.eed.losses import dverge_ensemble_loss
+    from robbench.train.methods.eed import EED, EEDOptions
+
+    torch.manual_seed(0)
+    y, ys = torch.randint(0, 4, (5,)), torch.randint(0, 4, (5,))
+    z = [torch.randn(5, 4) for _ in range(3)]
+    cross = [[None if i == j else torch.randn(5, 4) for j in range(3)] for i in range(3)]
+    loss, m = dverge_ensemble_loss(z, cross, y, ys, beta=0.25)
+    ce = sum(F.cross_entropy(t, y) for t in z)
+    div = sum(F.cross_entropy(cross[i][j], ys) for i in range(3) for j in range(3) if i != j)  # 6 pairs
+    assert m["dverge"] == pytest.approx(div.item()) and loss.item() == pytest.approx((ce + 0.25 * div).item())
+    assert EED(EEDOptions(ensemble_loss="dverge")).streams == 2 and EED(EEDOptions()).streams == 1
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "vgg16"])
+def test_dverge_team_entries(arch):
+    from robbench.config import parse_dataclass
+    from robbench.train.methods.eed import EEDOptions
+
+    e = load_entry(f"eed_{arch}_cifar10_team_dverge")
+    o = parse_dataclass(EEDOptions, dict(e.train.params), file="t", prefix="train.params")
+    assert o.ensemble_loss == "dverge" and o.beta == 1.0 and (o.dverge_eps, o.dverge_steps) == (0.07, 10)
+    assert "table9" in e.tags and e.train.init_from is None

@@ -14,6 +14,10 @@ Every term EED leaves undefined is one named reading here, with the alternative 
   backprop). GAL has no ensemble-entropy term, so alpha is unused; beta = 0.5 is ADP's and GAL's
   lambda alike. EED's Eq. 33 also names a Jensen-Shannon prediction-diversity term against label-
   smoothed targets; its formula is not in the text, so it is left out (a partial reading).
+- L_E with DVERGE's vulnerability diversity (supp. C.3, Eq. 34; Table 9 "EED+DVERGE";
+  ``ensemble_loss = 'dverge'``): sum_i CE_i + beta * sum_i sum_{j != i} CE(f_i(x'_j), y), x'_j the
+  feature-distilled example of member j (DVERGE: x' near x_s with member j's layer-l features of another
+  image, labelled y_s), as DVERGE+AdvT adds its all-pairs term to the adversarial CE (lambda = 1).
 - L_R (Eq. 15, after iGAT, Deng & Mu 2023) is printed as -err(h(x), y) * log(1 - C * max_i max_j h_i^j(x)).
   "1 - C * max" can be negative and C is never defined, so the reading is ``lr_c = 1`` and the max over
   the *wrong* classes j != y (``lr_wrong_only = true``): -1[argmax h != y] * log(1 - max_i max_{j!=y} p_i^j),
@@ -73,6 +77,16 @@ def gal_ensemble_loss(logits: Sequence[torch.Tensor], x: torch.Tensor, y: torch.
     ce = sum(ces)
     loss = ce + beta * coh
     return loss, {"ce": float(ce.detach()), "coherence": float(coh.detach())}  # type: ignore[union-attr]
+
+
+def dverge_ensemble_loss(logits: Sequence[torch.Tensor], cross: Sequence[Sequence[torch.Tensor | None]],
+                         y: torch.Tensor, y_s: torch.Tensor, beta: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """L_E with DVERGE's term: ``cross[i][j]`` = f_i(x'_j) (the diagonal unused), labelled ``y_s``."""
+    ce = sum(F.cross_entropy(z, y) for z in logits)
+    div = sum(F.cross_entropy(cross[i][j], y_s) for i in range(len(cross))  # type: ignore[arg-type]
+              for j in range(len(cross)) if j != i)
+    loss = ce + beta * div
+    return loss, {"ce": float(ce.detach()), "dverge": float(div.detach())}  # type: ignore[union-attr]
 
 
 def misclassification_loss(logits: Sequence[torch.Tensor], y: torch.Tensor, c: float = 1.0,

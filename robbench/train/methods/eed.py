@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from robbench.config import opt
-from robbench.eed.losses import (activation_l1, ensemble_loss, gal_ensemble_loss, misclassification_loss,
-                                 weight_l1)
+from robbench.eed.losses import (activation_l1, dverge_ensemble_loss, ensemble_loss, gal_ensemble_loss,
+                                 misclassification_loss, weight_l1)
 from robbench.errors import ConfigError, UserError
 from robbench.models.eed_team import TeamNet, find_team
 from robbench.pruning.masked import set_phase
@@ -46,8 +46,15 @@ class EEDOptions(AdvBaseOptions):
     lr_wrong_only: bool = opt(True, help="L_R's max over wrong classes only (iGAT reading); false = all classes")
     lc_normalise: bool = opt(True, help="L_C terms as means over their elements (false: raw sums, as printed)")
     activation_site: Literal["penultimate", "logits"] = opt("penultimate", help="activations in L_C's L0 (L1) term")
-    ensemble_loss: Literal["adp", "gal"] = opt("adp", help="L_E's Reg/Div: ADP's entropy and log-det (default "
-                                                           "reading) or GAL's gradient coherence (supp. C.2, Table 9)")
+    ensemble_loss: Literal["adp", "gal", "dverge"] = opt(
+        "adp", help="L_E's Reg/Div: ADP's entropy and log-det (default reading), GAL's gradient coherence or "
+                    "DVERGE's all-pairs distilled CE (supp. C.2-C.3, Table 9)")
+    # DVERGE's distillation (arguments.py dverge_train_args; robbench.train.methods.dverge): momentum mu = 1,
+    # no random start, features before the ReLU, BatchNorm in train mode, the reference's x' update
+    dverge_eps: float = opt(0.07, min=0.0, max=1.0, help="dverge: distillation radius (--distill-eps 0.07)")
+    dverge_step: float = opt(0.007, min=0.0, max=1.0, help="dverge: distillation step (--distill-alpha 0.007)")
+    dverge_steps: int = opt(10, min=1, help="dverge: distillation steps (--distill-steps 10)")
+    dverge_layer: int = opt(0, min=0, help="dverge: feature layer; 0 = a random layer per epoch (reference)")
     train_on: Literal["adv", "clean"] = opt("adv", help="inputs of L_EED: PGD examples of the team (AT) or clean")
 
 
@@ -101,6 +108,13 @@ class EED(Method):
         super().__init__(options or EEDOptions())
         self.initialised = False
         self.team: TeamNet | None = None
+        self.num_layers = 0
+        self.layer = 0
+
+    @property
+    def streams(self) -> int:  # type: ignore[override]
+        """DVERGE's term distils towards a second, independent batch (the reference's two loaders)."""
+        return 2 if self.options.ensemble_loss == "dverge" else 1
 
     def state_dict(self) -> dict[str, Any]:
         return {"initialised": self.initialised}
@@ -128,6 +142,31 @@ class EED(Method):
             ctx.extras["log_team_from"] = load_team_members(ctx, self.team, list(o.team))
         self.initialised = True
         set_phase(ctx.model, "finetune")  # masks as the pool pruned them; weights train
+        if o.ensemble_loss == "dverge":
+            from robbench.models import num_feature_layers
+
+            self.num_layers = num_feature_layers(self.team.nets[0])
+            if not 0 < (o.dverge_layer or 1) <= self.num_layers:
+                raise ConfigError(f"layer {o.dverge_layer} does not exist; allowed: 0 (random) or "
+                                  f"1..{self.num_layers}", file=file, field="train.params.dverge_layer")
+
+    def on_epoch_start(self, ctx: "TrainContext", epoch: int) -> None:
+        o: EEDOptions = self.options
+        if o.ensemble_loss == "dverge":
+            from robbench.train.methods.dverge import layer_for_epoch
+
+            self.layer = o.dverge_layer or layer_for_epoch(ctx.seed, epoch, self.num_layers)
+            ctx.extras["log_distill_layer"] = self.layer
+
+    def _distilled(self, ctx: "TrainContext", x_s: torch.Tensor, x_t: torch.Tensor) -> list[torch.Tensor]:
+        from robbench.train.distill import distill
+        from robbench.train.methods.base import module_mode
+
+        o: EEDOptions = self.options
+        assert self.team is not None
+        with module_mode(ctx.model, "train"):
+            return distill(list(self.team.nets), x_s, x_t, self.layer, eps=o.dverge_eps, step_size=o.dverge_step,
+                           steps=o.dverge_steps, momentum=1.0, iterate="x")
 
     def _mean_output(self, x: torch.Tensor) -> torch.Tensor:
         team = self.team
@@ -140,6 +179,11 @@ class EED(Method):
         team = self.team
         assert team is not None
         x = craft(self._mean_output, ctx.model, batch.x, batch.y, o, "ce") if o.train_on == "adv" else batch.x
+        cross: list[list[torch.Tensor | None]] = []
+        if o.ensemble_loss == "dverge":  # f_i(x'_j): member j's distilled batch through member i
+            (x_t, _y_t), = batch.extra
+            xs = self._distilled(ctx, batch.x, x_t)
+            cross = [[None if i == j else net(xj) for j, xj in enumerate(xs)] for i, net in enumerate(team.nets)]
         if o.ensemble_loss == "gal":  # input gradients of every member's CE (double backprop)
             x = x.detach().requires_grad_(True)
         feats: list[torch.Tensor] = []
@@ -151,6 +195,8 @@ class EED(Method):
                 h.remove()
         if o.ensemble_loss == "gal":
             l_e, metrics = gal_ensemble_loss(logits, x, batch.y, o.beta)
+        elif o.ensemble_loss == "dverge":
+            l_e, metrics = dverge_ensemble_loss(logits, cross, batch.y, batch.y, o.beta)
         else:
             l_e, metrics = ensemble_loss(logits, batch.y, o.alpha, o.beta)
         l_r = misclassification_loss(logits, batch.y, o.lr_c, o.lr_wrong_only)
