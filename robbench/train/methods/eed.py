@@ -9,6 +9,8 @@ BatchNorm and biases train on
 computed on adversarial examples crafted against the team's mean output with the training attack
 (EED §5.1: Madry PGD-20, step 2/255, eps 8/255; reading: EED trains with AT throughout, the team loss
 replaces Madry's CE). ``train_on = 'clean'`` computes the loss on clean inputs instead.
+``ensemble_loss`` picks L_E's diversity term (supp. C, Table 9): ADP's (default), GAL's or DVERGE's
+(:mod:`robbench.eed.losses`); DVERGE's needs a second data stream (``streams``) to distil towards.
 """
 from __future__ import annotations
 
