@@ -220,13 +220,14 @@ def test_selection_mask_is_bit_identical_to_the_sort_mask():
     assert splits > 0  # ties across the cut were exercised (the sort decides those)
 
 
-def test_prune_phase_mask_cache_gives_the_masks_and_gradients_of_recomputing():
+@pytest.mark.parametrize("kw", [{}, {"learn_rates": True}])
+def test_prune_phase_mask_cache_gives_the_masks_and_gradients_of_recomputing(kw):
     from robbench.pruning.masked import cut_index, topk_mask_sort
 
     torch.manual_seed(3)
-    net = _tiny_resnet()
+    net = _tiny_resnet(**kw)
     initialise_scores(net, "erm")
-    twin = _tiny_resnet()
+    twin = _tiny_resnet(**kw)
     twin.load_state_dict(net.state_dict())
     set_phase(net, "prune")
     set_phase(twin, "prune")
@@ -248,6 +249,8 @@ def test_prune_phase_mask_cache_gives_the_masks_and_gradients_of_recomputing():
             assert torch.equal(a.mask, b.mask)
             assert torch.equal(a.mask, topk_mask_sort(a.scores.detach().abs(), cut_index(a.rate(), a.scores.numel())))
             assert torch.equal(a.scores.grad, b.scores.grad)
+            if a.k_score is not None:  # HARP: sum(g) to the rate, through the cached mask too
+                assert a.k_score.grad is not None and torch.equal(a.k_score.grad, b.k_score.grad)
             changed += int(not torch.equal(a.mask, m0))
         opt.step()  # the scores change: the next forward recomputes
     assert changed > 0
