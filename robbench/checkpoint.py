@@ -33,6 +33,7 @@ from typing import IO, TYPE_CHECKING, Any, Callable, Mapping
 import numpy as np
 import torch
 
+from robbench.config import entry_exists
 from robbench.errors import CheckpointError
 from robbench.paths import PROJECT_ROOT, ZOO_DIR, ensure_dir, filesystem_error, runs_dir as default_runs_dir
 
@@ -379,7 +380,7 @@ class RunDir:
 
     def _missing_hint(self) -> str:
         """How to get a run of this name: train its zoo entry, or say there is none."""
-        if (ZOO_DIR / f"{self.name}.toml").is_file():
+        if entry_exists(self.name):
             return f"; train it with: robbench train zoo/{self.name}"
         return (f", and no zoo entry of that name ({ZOO_DIR / (self.name + '.toml')} does not exist); list the "
                 "entries with: robbench zoo list")

@@ -263,3 +263,14 @@ def test_description_replace_tags_drop_and_member_alternatives(zoo):
     assert "pool" in load_entry("demo_eed_nis_0").tags
     assert load_entry("demo_eed_s50_team").train.epochs == 1 == load_entry("demo_eed_s50_at").train.epochs
     assert nis.train.epochs != 1
+
+
+def test_a_missing_run_of_a_derived_entry_says_how_to_train_it(tmp_path):
+    """The hint for a derived entry is its train command, as for a file entry; an unknown name is told so."""
+    from robbench.checkpoint import RunDir
+    from robbench.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match=r"train it with: robbench train zoo/eed_resnet18_cifar10_s50_nis_0"):
+        RunDir(tmp_path, "eed_resnet18_cifar10_s50_nis_0").read_manifest()
+    with pytest.raises(CheckpointError, match="no zoo entry of that name"):
+        RunDir(tmp_path, "eed_resnet18_cifar10_s51_nis_0").read_manifest()
