@@ -253,6 +253,25 @@ def test_resnet_imagenet_options_validate():
         parse_dataclass(DeepResNetOptions, {"depth": 300}, file="x.toml", prefix="model.options")
 
 
+def test_resnet50_cifar_stem_keeps_32x32_maps_for_the_last_stage():
+    """``stem = 'cifar'`` (HARP / kuangliu ResNet-50 on 32x32): one 3x3 stride-1 conv, no max-pool, so the
+    last stage sees 4x4 maps (the 7x7/2 stem + max-pool leaves 1x1); every other layer is the same."""
+    cifar = build_network(_spec("resnet50", width=0.0625), SYNTH, ImageNetResNetOptions(stem="cifar"))
+    tv = build_network(_spec("resnet50", width=0.0625), SYNTH)
+    assert cifar.conv1.kernel_size == (3, 3) and cifar.conv1.stride == (1, 1)
+    assert not any(isinstance(m, nn.MaxPool2d) for m in cifar.modules())
+    assert any(isinstance(m, nn.MaxPool2d) for m in tv.modules())
+    seen: list[tuple[int, int]] = []
+    cifar.layer4.register_forward_hook(lambda m, a, out: seen.append(tuple(out.shape[-2:])))
+    assert cifar(torch.rand(2, 3, 32, 32)).shape == (2, 10) and seen == [(4, 4)]
+    rest = lambda net: [(n, p.shape) for n, p in net.named_parameters() if not n.startswith("conv1.")]
+    assert rest(cifar) == rest(tv)
+    from robbench.config import load_entry  # EED Table 4's CIFAR-100 chain runs this layout, ImageNet's not
+    assert load_entry("eed_resnet50_cifar100_ase_1").model.options["stem"] == "cifar"
+    assert load_entry("eed_resnet50_cifar100_team").model.options["base_options"]["stem"] == "cifar"
+    assert load_entry("eed_resnet50_imagenet_ase_1").model.options.get("stem", "imagenet") == "imagenet"
+
+
 def test_tiny_deep_resnet_forward_and_zero_init():
     net = build_network(_spec("resnet_imagenet", width=0.0625), SYNTH, DeepResNetOptions(depth=14, blocks=[1, 1, 1, 1]))
     assert net(torch.rand(2, 3, 8, 8)).shape == (2, 10)

@@ -257,10 +257,10 @@ def resnet_depth(blocks: Sequence[int], block: type[BasicBlock] | type[Bottlenec
 
 
 def resnet_imagenet(blocks: Sequence[int], spec: Any, info: DatasetInfo, *, zero_init_residual: bool,
-                    fc_init_std: float | None) -> ResNet:
+                    fc_init_std: float | None, stem: Literal["cifar", "imagenet"] = "imagenet") -> ResNet:
     cfg = arch_config(spec, info)
     widths = [scaled_channels(c, cfg.width) for c in (64, 128, 256, 512)]
-    net = ResNet(cfg, input_normalization(spec, info), Bottleneck, blocks, widths, widths[0], "imagenet")
+    net = ResNet(cfg, input_normalization(spec, info), Bottleneck, blocks, widths, widths[0], stem)
     if net.fc.weight.is_meta:
         return net  # structure-only build: nothing to initialize
     kaiming_fan_out_init(net)  # torchvision: kaiming_normal_(fan_out, relu); tensorpack: variance_scaling(2, fan_out)
@@ -277,13 +277,18 @@ class ImageNetResNetOptions:
     # torchvision resnet defaults: zero_init_residual=False, Linear with torch's default init.
     zero_init_residual: bool = opt(False, help="zero each block's last BN scale (Goyal et al.)")
     fc_init_std: float | None = opt(None, min=0.0, help="normal(0, std) fc init; none = torch default")
+    # The bottleneck ResNets adversarial-pruning code trains on 32x32 inputs (HARP models/resnet_cifar.py,
+    # from kuangliu/pytorch-cifar) keep the stages and widths but replace the 7x7/2 stem and its max-pool
+    # by one 3x3 stride-1 conv, so the last stage still sees 4x4 maps.
+    stem: Literal["imagenet", "cifar"] = opt("imagenet", help="imagenet: 7x7/2 conv + maxpool (torchvision); "
+                                                              "cifar: 3x3/1 conv, no maxpool (32x32 inputs)")
 
 
 def _imagenet_factory(depth: int) -> Any:
     def make(spec: Any, info: DatasetInfo, options: ImageNetResNetOptions | None = None) -> nn.Module:
         o = options or ImageNetResNetOptions()
         return resnet_imagenet(IMAGENET_BLOCKS[depth], spec, info, zero_init_residual=o.zero_init_residual,
-                               fc_init_std=o.fc_init_std)
+                               fc_init_std=o.fc_init_std, stem=o.stem)
     make.__name__ = f"resnet{depth}"
     make.__doc__ = f"torchvision-style ResNet-{depth}: 7x7/2 stem + maxpool, bottlenecks {IMAGENET_BLOCKS[depth]}."
     return make
