@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -117,9 +118,16 @@ def _internal(f: dataclasses.Field[Any]) -> bool:
     return f.name.startswith("_") or not f.repr
 
 
+@functools.lru_cache(maxsize=None)
+def _type_hints(cls: type) -> dict[str, Any]:
+    """A dataclass's resolved annotations (resolving them is most of the cost of validating an entry, and
+    listing the zoo validates every one)."""
+    return typing.get_type_hints(cls)
+
+
 def parse_dataclass(cls: type[D], data: dict[str, Any], *, file: str, prefix: str = "") -> D:
     """Validate ``data`` into dataclass ``cls``: unknown keys, types, ranges and registry names."""
-    hints = typing.get_type_hints(cls)
+    hints = _type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     settable = {n: f for n, f in fields.items() if f.repr}  # internal repr=False fields are never read from data
     unknown = sorted(set(data) - set(settable))
