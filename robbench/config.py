@@ -107,14 +107,15 @@ def _family_member(spec: str, directory: Path) -> tuple[zoo_family.Family, str] 
 
 def _derived_raw(fam: zoo_family.Family, suffix: str, kind: str,
                  _chain: tuple[str, ...]) -> tuple[dict[str, Any], Path]:
-    """A family member: its source entry merged as any file entry, the references between members
-    renamed into the derived chain, then the family's overrides (the ``--set`` code), in that order."""
-    source = f"{fam.source}_{suffix}"
+    """A family member: its source entry (a copy's: the one it copies) merged as any file entry, the
+    references between members renamed into the derived chain (a copy's own group's into the copy's),
+    then the family's overrides (the ``--set`` code), in that order."""
+    source = f"{fam.source}_{fam.source_suffix(suffix)}"
     base, _ = load_raw(source, fam.file.parent, kind, _chain)
-    data = zoo_family.rename_refs(base, fam.rename())
+    data = zoo_family.rename_refs(base, fam.rename(suffix))
     name = f"{fam.target}_{suffix}"
     data["name"] = name
-    data["description"] = fam.describe(str(data.get("description", "")))
+    data["description"] = fam.describe(str(data.get("description", "")), suffix)
     if fam.tags or fam.tags_drop:
         tags = data.get("tags", [])
         data["tags"] = fam.retag(tags if isinstance(tags, list) else [tags])

@@ -1,6 +1,7 @@
 """Entry families: one ``zoo/<to>.family.toml`` derives a whole chain ``<to>_*`` from the file entries
 ``<from>_*`` (a sparsity sweep, a data-subset count, another base training), so a sweep is one file
-instead of ~26 near-identical ones.
+instead of ~26 near-identical ones. ``copies`` adds members with no file entry of their own (a sub-model
+group ``nis_3`` derived from ``nis_2``'s entries, its references renamed into its own group).
 
 This module only reads and indexes family files and renames the references between chain members;
 :mod:`robbench.config` merges the source entries and applies the family's overrides with the same code
@@ -19,7 +20,8 @@ from typing import Any
 from robbench.errors import ConfigError
 
 SUFFIX = ".family.toml"
-_KEYS = {"description", "description_replace", "from", "to", "entries", "tags", "tags_drop", "set", "set_for"}
+_KEYS = {"description", "description_replace", "from", "to", "entries", "copies", "tags", "tags_drop", "set",
+         "set_for"}
 
 
 def matches(suffix: str, pattern: str) -> bool:
@@ -33,29 +35,46 @@ class Family:
     sha256: str                      # of the family file's bytes: recorded in every derived entry
     source: str                      # ``from``: the prefix of the file entries it derives from
     target: str                      # ``to``: the prefix of the derived entries
-    suffixes: list[str]              # members: ``<source>_<suffix>`` -> ``<target>_<suffix>``
+    suffixes: list[str]              # members: ``<source>_<suffix>`` -> ``<target>_<suffix>``, then the copies
     description: str = ""
     description_replace: dict[str, str] = field(default_factory=dict)  # text in the source description -> new
     tags: list[str] = field(default_factory=list)       # appended to each member's tags
     tags_drop: list[str] = field(default_factory=list)  # removed from them (a source's "table1")
     overrides: list[tuple[str, Any]] = field(default_factory=list)          # [set]: (dotted key, value)
     overrides_for: list[tuple[str, str, Any]] = field(default_factory=list)  # [set_for.PATTERN]
+    # ``copies``: a copy member's suffix -> (its source entry's suffix, the new group, the old group)
+    copied: dict[str, tuple[str, str, str]] = field(default_factory=dict)
 
-    def rename(self) -> dict[str, str]:
-        """Source entry name -> derived entry name, for every member."""
-        return {f"{self.source}_{s}": f"{self.target}_{s}" for s in self.suffixes}
+    def source_suffix(self, suffix: str) -> str:
+        """The suffix of the file entry member ``suffix`` derives from (itself, but for a copy)."""
+        return self.copied[suffix][0] if suffix in self.copied else suffix
+
+    def rename(self, suffix: str | None = None) -> dict[str, str]:
+        """Source entry name -> derived entry name, for every member that derives from its namesake; in
+        copy member ``suffix``, the old group's source names go to the copy's own group instead."""
+        out = {f"{self.source}_{s}": f"{self.target}_{s}" for s in self.suffixes if s not in self.copied}
+        if suffix in self.copied:
+            _, new, old = self.copied[suffix]
+            out.update({f"{self.source}_{src}": f"{self.target}_{d}" for d, (src, n, o) in self.copied.items()
+                        if (n, o) == (new, old)})
+        return out
 
     def overrides_of(self, suffix: str) -> list[tuple[str, Any]]:
         """The (key, value) pairs applied to member ``suffix``, in order: [set], then every matching
         [set_for] pattern (later ones win)."""
         return self.overrides + [(k, v) for pat, k, v in self.overrides_for if matches(suffix, pat)]
 
-    def describe(self, text: str) -> str:
+    def describe(self, text: str, suffix: str | None = None) -> str:
         """A member's description: the source's, with ``description_replace`` applied and the family's
-        ``description`` appended in brackets."""
+        ``description`` appended in brackets; a copy says which group it copies (the source's text
+        names the old group's index)."""
         for old, new in self.description_replace.items():
             text = text.replace(old, new)
-        return f"{text} [{self.description}]".strip() if self.description else text
+        notes = [self.description] if self.description else []
+        if suffix in self.copied:
+            _, new, old = self.copied[suffix]
+            notes.append(f"{new}: a copy of {old}")
+        return f"{text} [{'; '.join(notes)}]".strip() if notes else text
 
     def retag(self, tags: list[str]) -> list[str]:
         return list(dict.fromkeys([*(t for t in tags if t not in self.tags_drop), *self.tags]))
@@ -115,6 +134,8 @@ def read_family(path: Path, file_entries: set[str]) -> Family:
             raise ConfigError(f"no file entry {source}_{missing[0]}; known suffixes: {', '.join(chain)}",
                               file=f, field="entries")
         suffixes = list(dict.fromkeys(entries))
+    copied = _read_copies(data.get("copies", {}), chain, suffixes, source, f)
+    suffixes += list(copied)
     for key in ("tags", "tags_drop"):
         v = data.get(key, [])
         if not isinstance(v, list) or not all(isinstance(t, str) for t in v):
@@ -142,7 +163,36 @@ def read_family(path: Path, file_entries: set[str]) -> Family:
     return Family(file=path, sha256=hashlib.sha256(blob).hexdigest(), source=source, target=target,
                   suffixes=suffixes, description=desc, description_replace=dict(repl),
                   tags=list(data.get("tags", [])), tags_drop=list(data.get("tags_drop", [])),
-                  overrides=_flatten(over), overrides_for=overrides_for)
+                  overrides=_flatten(over), overrides_for=overrides_for, copied=copied)
+
+
+def _in_group(suffix: str, group: str) -> bool:
+    return suffix == group or suffix.startswith(group + "_")
+
+
+def _read_copies(table: Any, chain: list[str], members: list[str], source: str,
+                 f: str) -> dict[str, tuple[str, str, str]]:
+    """``copies = { nis_3 = "nis_2" }``: for each source suffix of group ``nis_2`` (``nis_2``,
+    ``nis_2_prune``) a member of group ``nis_3`` (``nis_3``, ``nis_3_prune``) derived from it."""
+    if not isinstance(table, dict) or not all(isinstance(k, str) and k and isinstance(v, str) and v
+                                              for k, v in table.items()):
+        raise ConfigError("expected a table of new group = 'source group' (e.g. { nis_3 = 'nis_2' })",
+                          file=f, field="copies")
+    out: dict[str, tuple[str, str, str]] = {}
+    taken = set(members)
+    for new, old in table.items():
+        group = [s for s in chain if _in_group(s, old)]
+        if not group:
+            raise ConfigError(f"no file entry {source}_{old} or {source}_{old}_*; known suffixes: "
+                              f"{', '.join(chain)}", file=f, field=f"copies.{new}")
+        for src in group:
+            suffix = new + src[len(old):]
+            if suffix in taken:
+                raise ConfigError(f"the copy {suffix!r} is also a member of this family; name another group",
+                                  file=f, field=f"copies.{new}")
+            taken.add(suffix)
+            out[suffix] = (src, new, old)
+    return out
 
 
 # directory -> (what the index was built from, the index): listing the zoo resolves every derived entry,

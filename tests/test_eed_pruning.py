@@ -267,3 +267,45 @@ def test_bracketed_selection_on_a_large_layer_is_exact():
         assert kth_smallest(s, j) == srt[j]
     for j in (2500, int(0.95 * s.numel())):
         assert torch.equal(topk_mask(s, j), topk_mask_sort(s, j))
+
+
+def test_subset_parts_sets_the_member_range_and_the_cut():
+    """EED's d (supp. B.5) as ``train.params.subset_parts``: members 0..d-2, one shared part plus a private
+    one each; a member past the range is one line naming train.params.subset_member."""
+    from robbench.config import load_entry
+    from robbench.eed.subsets import eed_subset
+    from robbench.errors import ConfigError
+
+    assert load_entry("demo_eed_nis_2_prune").method_params.subset_parts == 4  # the default: §5.1's quarters
+    with pytest.raises(ConfigError) as ei:
+        load_entry("demo_eed_nis_2_prune", ["train.params.subset_parts=3"])
+    msg = str(ei.value)
+    assert "train.params.subset_member" in msg and "allowed: 0..1" in msg and "\n" not in msg
+    with pytest.raises(ConfigError, match="subset_parts"):
+        load_entry("demo_eed_nis_0_prune", ["train.params.subset_parts=1"])
+    p = load_entry("demo_eed_nis_2_prune", ["train.params.subset_parts=6", "train.params.subset_member=4"]).method_params
+    assert (p.subset_parts, p.subset_member) == (6, 4)
+    n = 60
+    cuts = [set(eed_subset(n, m, key="nis", parts=6)) for m in range(5)]
+    shared = set.intersection(*cuts)
+    assert len(shared) == 10 and all(len(c) == 20 for c in cuts)
+    assert len(set().union(*cuts)) == n  # every sample is in some sub-model's data
+    assert cuts[0] != set(eed_subset(n, 0, key="erm", parts=6))  # reshuffled per score
+    assert sorted(eed_subset(n, 2, key="nis")) == sorted(eed_subset(n, 2, key="nis", parts=4))
+    with pytest.raises(ValueError):
+        eed_subset(n, 5, key="nis", parts=6)
+
+
+def test_pipeline_cli_subsets_option(monkeypatch, capsys):
+    """``--subsets`` reaches run_pipeline (default: EED's d = 4 pool 0,1,2); a malformed list is exit 2."""
+    import robbench.eed.pipeline as pipeline
+
+    got = {}
+    monkeypatch.setattr(pipeline, "run_pipeline", lambda *a, **kw: got.update(kw))
+    assert pipeline.main(["--prefix", "eed_resnet18_cifar10_d6", "--subsets", "0,1,2,3,4"]) == 0
+    assert got["subsets"] == (0, 1, 2, 3, 4)
+    assert pipeline.main([]) == 0 and got["subsets"] == (0, 1, 2)
+    for bad in ("0,x", "", "0,0", "-1"):
+        with pytest.raises(SystemExit) as ei:
+            pipeline.main(["--subsets", bad])
+        assert ei.value.code == 2 and "--subsets" in capsys.readouterr().err

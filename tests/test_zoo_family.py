@@ -96,6 +96,11 @@ def test_path_spec_finds_the_family_in_that_folder(zoo, monkeypatch):
     (lambda t: t.replace('"erm_0",', '"erm_9",'), "entries"),
     (lambda t: t.replace('[set_for."at"]', '[set_for."zz*"]'), "set_for.zz*"),
     (lambda t: "bogus = 1\n" + t, "bogus"),
+    (lambda t: t.replace('tags = ["s50"]\n', 'tags = ["s50"]\ncopies = { nis_3 = "nis_9" }\n'), "copies.nis_3"),
+    (lambda t: t.replace('tags = ["s50"]\n', 'tags = ["s50"]\ncopies = { erm_0 = "nis_2" }\n'), "copies.erm_0"),
+    (lambda t: t.replace('tags = ["s50"]\n', 'tags = ["s50"]\ncopies = { nis_3 = "nis_2", nis_3_prune = "ase_2" }\n'),
+     "copies.nis_3_prune"),
+    (lambda t: t.replace('tags = ["s50"]\n', 'tags = ["s50"]\ncopies = ["nis_2"]\n'), "copies"),
 ])
 def test_bad_family_is_one_line_naming_file_and_key(zoo, edit, where):
     fam = zoo / "demo_eed_s50.family.toml"
@@ -143,7 +148,7 @@ def test_train_derived_digits_entry(zoo, tmp_path):
 # ----------------------------------------------------------------------------------------------
 
 BUDGETS = {"5.6M": 0.50, "3.4M": 0.70, "2.2M": 0.80, "1.1M": 0.90, "0.6M": 0.95}  # Table 5 -> s_r (families)
-POOL = [f"{s}_{m}" for s in ("nis", "erm", "ase", "bnsf") for m in (0, 1, 2)]
+POOL = [f"{s}_{m}" for s in ("nis", "erm", "ase", "bnsf") for m in (0, 1, 2, 3, 4)]  # d = 6: sub-models 0..4
 
 
 def _expected(table: str, label: str) -> tuple[float, int, str]:
@@ -181,7 +186,7 @@ def _keeps(entry) -> list[float]:
 
 def test_table_rows_name_entries_with_the_rows_settings():
     rows = _rows()
-    assert len(rows) >= 60  # Table 4: 13, Table 5: 2 x 21, Table 8: 2 x 6 mapped rows
+    assert len(rows) >= 85  # Tables 4 and 5: 55, Table 8: 2 x 15 mapped rows (d = 1, 3, 4, 5, 6 at s50/s80/s90)
     zoo = set(list_entries())
     for table, dataset, label, name in rows:
         s_r, d, arch = _expected(table, label)
@@ -205,6 +210,8 @@ def test_table_rows_name_entries_with_the_rows_settings():
                 p = load_entry(f"{prefix}_{m}_prune")
                 assert p.model.transform_options["sparsity"] == pytest.approx(c_r) and p.model.arch == arch
                 assert p.method_params.subset == ("all" if d == 1 else "eed"), p.name
+                if d > 1:  # B.5: d parts, one shared + d - 1 private (one per sub-model of a score)
+                    assert (p.method_params.subset_parts, p.method_params.subset_member) == (d, int(m[-1])), p.name
                 assert p.method_params.dense_from == f"{prefix}_at" and p.data.dataset == dataset
                 assert p.method_params.hw_gamma == (0.1 if table == "4" else 0.01)  # App. A.1
                 assert load_entry(f"{prefix}_{m}").train.init_from == p.name
@@ -274,3 +281,80 @@ def test_a_missing_run_of_a_derived_entry_says_how_to_train_it(tmp_path):
         RunDir(tmp_path, "eed_resnet18_cifar10_s50_nis_0").read_manifest()
     with pytest.raises(CheckpointError, match="no zoo entry of that name"):
         RunDir(tmp_path, "eed_resnet18_cifar10_s51_nis_0").read_manifest()
+
+
+COPIES = FAMILY.replace('tags = ["s50"]\n', 'tags = ["s50"]\ncopies = { nis_3 = "nis_2", ase_3 = "ase_2" }\n') + """
+[set_for."nis_*"]
+"train.params.subset_parts" = 5
+[set_for."nis_3*"]
+"train.params.subset_member" = 3
+"""
+
+
+def test_copy_references_point_into_its_own_group(zoo):
+    (zoo / "demo_eed_s50.family.toml").write_text(COPIES)
+    names = set(list_entries(zoo))
+    assert {"demo_eed_s50_nis_3", "demo_eed_s50_nis_3_prune", "demo_eed_s50_ase_3", "demo_eed_s50_ase_3_prune"} <= names
+    assert "demo_eed_s50_nis_2" not in names  # the old group is not a member unless `entries` names it
+    nis = load_entry("demo_eed_s50_nis_3")
+    # its own prune entry (the old group's name renamed into the copy's group); the extends chain's root,
+    # nis_0_prune, is a member
+    assert nis.train.init_from == "demo_eed_s50_nis_3_prune" and nis._extends == "demo_eed_s50_nis_0_prune"
+    prune = load_entry("demo_eed_s50_nis_3_prune")
+    # the source prune entry extends nis_0_prune, a member: renamed as in any member
+    assert prune.method_params.dense_from == "demo_eed_s50_at" and prune._extends == "demo_eed_s50_nis_0_prune"
+    assert prune.method_params.subset_member == 3 and prune.method_params.subset_parts == 5
+    # other members keep today's references: the team names the file entry ase_2, not the copy ase_3
+    assert load_entry("demo_eed_s50_team").method_params.team == ["demo_eed_ase_2", "demo_eed_bnsf_1"]
+    # with the old group a member too, it derives as before and the copy still points at its own group
+    (zoo / "demo_eed_s50.family.toml").write_text(COPIES.replace('"team"]', '"team", "nis_2_prune", "nis_2"]'))
+    assert load_entry("demo_eed_s50_nis_2").train.init_from == "demo_eed_s50_nis_2_prune"
+    assert load_entry("demo_eed_s50_nis_3").train.init_from == "demo_eed_s50_nis_3_prune"
+    assert "nis_3: a copy of nis_2" in load_entry("demo_eed_s50_nis_3").description
+
+
+def test_copy_equals_its_source_entry_plus_overrides(zoo):
+    (zoo / "demo_eed_s50.family.toml").write_text(COPIES)
+    members = ("at", "nis_0_prune", "nis_0", "erm_0_prune", "erm_0", "team")
+    mapping = {f"demo_eed_{s}": f"demo_eed_s50_{s}" for s in members}
+    mapping |= {"demo_eed_nis_2_prune": "demo_eed_s50_nis_3_prune", "demo_eed_nis_2": "demo_eed_s50_nis_3"}
+    sets = ["model.transform_options.sparsity=0.5", "train.params.adv_steps=2", "train.params.subset_parts=5",
+            "train.params.subset_member=3"]
+    for name in ("nis_3_prune", "nis_3"):
+        d = load_entry(f"demo_eed_s50_{name}")
+        src = name.replace("nis_3", "nis_2")
+        f = load_entry(f"demo_eed_{src}", sets)
+        assert _core(d.resolved()) == rename_refs(_core(f.resolved()), mapping), name
+        assert d.resolved()["_family"]["from_entry"] == f"demo_eed_{src}"
+    # ase_3 gets no [set_for."nis_*"] values: the patterns see the copy's own suffix
+    ase = load_entry("demo_eed_s50_ase_3_prune").method_params
+    assert (ase.subset_parts, ase.subset_member) == (4, 2)
+
+
+def test_table8_d_pools_cut_disjoint_private_parts_and_the_pipeline_names_them():
+    """Each Table 8 d = 3/5/6 chain: the pipeline's pool names exist, and the sub-models of one score share
+    one part and get pairwise disjoint private parts of the cut their entries ask for (a small n)."""
+    from robbench.eed.pipeline import pool_entries
+    from robbench.eed.subsets import eed_subset
+
+    zoo = set(list_entries())
+    n = 600
+    for ds in ("cifar10", "svhn"):
+        for d in (3, 5, 6):
+            for sp in ("_s50", "", "_s90"):
+                prefix = f"eed_resnet18_{ds}{sp}_d{d}"
+                pool = pool_entries(prefix, ("nis", "erm", "ase", "bnsf"), tuple(range(d - 1)))
+                assert len(pool) == 4 * (d - 1) and set(pool) <= zoo, prefix
+                assert f"{prefix}_{'nis'}_{d - 1}" not in zoo and f"{prefix}_team" in zoo, prefix
+                for score in ("nis", "erm", "ase", "bnsf"):
+                    cuts = []
+                    for m in range(d - 1):
+                        p = load_entry(f"{prefix}_{score}_{m}_prune").method_params
+                        assert (p.subset, p.subset_parts, p.subset_member) == ("eed", d, m), (prefix, score, m)
+                        cuts.append(set(eed_subset(n, p.subset_member, key=p.subset_key or p.score,
+                                                   parts=p.subset_parts)))
+                    shared = set.intersection(*cuts)
+                    assert len(shared) == n // d, (prefix, score)
+                    private = [c - shared for c in cuts]
+                    assert all(len(c) == n // d for c in private)
+                    assert len(set().union(*private)) == (d - 1) * (n // d)  # pairwise disjoint

@@ -162,6 +162,18 @@ def run_pipeline(prefix: str = "demo_eed", protocol: str = "demo-eed", *, runs_d
     return summary
 
 
+def _subsets(text: str) -> tuple[int, ...]:
+    """``--subsets 0,1,2`` -> (0, 1, 2): distinct indices >= 0 (argparse turns the error into exit 2)."""
+    try:
+        out = tuple(int(t) for t in text.split(","))
+    except ValueError:
+        out = ()
+    if not out or min(out) < 0 or len(set(out)) != len(out):
+        raise argparse.ArgumentTypeError(f"expected distinct sub-model indices >= 0 separated by commas "
+                                         f"(e.g. 0,1,2), got {text!r}")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     from robbench.errors import UserError
 
@@ -178,11 +190,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--baseline", dest="baselines", action="append", default=[], metavar="NAME",
                     help="also train <prefix>_NAME_prune and <prefix>_NAME (e.g. hydra) beside the pool")
     ap.add_argument("--fresh", action="store_true", help="move stale runs aside and retrain them")
+    ap.add_argument("--subsets", type=_subsets, default=(0, 1, 2), metavar="0,1,2",
+                    help="sub-model indices per score in the pool (default 0,1,2: EED's d = 4; supp. Table 8's "
+                         "d families: 0 for d = 1, 0,1 for d = 3, 0,...,d-2)")
     a = ap.parse_args(argv)
     try:
         run_pipeline(a.prefix, a.protocol, runs_dir=a.runs_dir, db=a.db, device=a.device,
-                     memory_format=a.memory_format, overrides=a.overrides, n=a.n, baselines=a.baselines,
-                     fresh=a.fresh)
+                     memory_format=a.memory_format, overrides=a.overrides, n=a.n, subsets=a.subsets,
+                     baselines=a.baselines, fresh=a.fresh)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -4,7 +4,8 @@ by every sub-model of a score, quarter m + 1 is sub-model m's own, so each of th
 for each of the three sub-models"). "These subsets are randomly reshuffled whenever the importance
 scoring method changes": the permutation is seeded by (seed, score), so the four scores cut the data
 differently while the three sub-models of one score share one cut. For ensemble learning the entire
-dataset is used (§5.1).
+dataset is used (§5.1). Supp. B.5 varies the number of parts d (``parts``): one shared part plus
+d - 1 private ones, so d - 1 sub-models per score, each on 2/d of the set (d = 4: the quarters above).
 
 :class:`SubsetStream` serves a training method batches from such an index list: the training loop
 iterates the whole split, so a method training on a subset takes its batches from its own loader

@@ -13,8 +13,9 @@ runs and EED App. A.1's "20 epochs for pruning, 40 epochs for sub-model fine-tun
 - ``phase = 'finetune'`` (``train.init_from`` = the prune entry): scores and rates frozen, the stored
   masks fixed, the surviving weights train on the same objective.
 
-``subset = 'eed'`` trains on EED's shared + private quarters (:mod:`robbench.eed.subsets`), cut by
-``subset_key`` (default: the score name, so each score reshuffles) for sub-model ``subset_member``.
+``subset = 'eed'`` trains on EED's shared + private parts (:mod:`robbench.eed.subsets`; ``subset_parts``
+= EED's d, 4 quarters by default), cut by ``subset_key`` (default: the score name, so each score
+reshuffles) for sub-model ``subset_member``.
 The masks are buffers of the model, so they are saved in ``model.safetensors`` (sha256 in the
 manifest); kept parameters, sparsity and FLOPs are measured from them (:mod:`robbench.pruning.measure`)
 and logged per epoch.
@@ -66,8 +67,16 @@ class PruneOptions(AdvBaseOptions):
     nis_seed: Literal["uniform", "logit_abs"] = opt("uniform", help="NIS final-response importance (NISP uses "
                                                                     "Inf-FS, unspecified in EED): all 1, or mean |logit|")
     subset: Literal["all", "eed"] = opt("all", help="'eed': shared quarter + private quarter (EED §5.1)")
-    subset_member: int = opt(0, min=0, max=2, help="EED sub-model index within its score (0..2)")
-    subset_key: str | None = opt(None, help="cut of the quarters; none = the score name (reshuffled per score)")
+    subset_parts: int = opt(4, min=2, help="EED's d (supp. B.5): parts the pruning data is cut into, one "
+                                           "shared + d - 1 private, one per sub-model (§5.1: 4 quarters)")
+    subset_member: int = opt(0, min=0, help="EED sub-model index within its score (0..subset_parts - 2)")
+    subset_key: str | None = opt(None, help="cut of the parts; none = the score name (reshuffled per score)")
+
+    def validate(self, file: str) -> None:
+        # d parts hold one shared part and d - 1 private ones: members 0..d-2 (the range eed_subset takes)
+        if self.subset_member >= self.subset_parts - 1:
+            raise ConfigError(f"{self.subset_member} is out of range; with subset_parts = {self.subset_parts} "
+                              f"allowed: 0..{self.subset_parts - 2}", file=file, field="train.params.subset_member")
 
 
 def _load_dense(ctx: "TrainContext", name: str) -> dict[str, Any]:
@@ -150,7 +159,7 @@ class ScorePrune(Method):
         d = ctx.entry.data
         data = load_split(d.dataset, "train", d.root or ctx.data_root, d.options)
         key = o.subset_key or o.score
-        idx = eed_subset(len(data), o.subset_member, key=key, seed=ctx.seed)
+        idx = eed_subset(len(data), o.subset_member, key=key, seed=ctx.seed, parts=o.subset_parts)
         self.stream = SubsetStream(data, idx, d.batch_size, d.augment, ctx.seed)
 
     def _score_batches(self, ctx: "TrainContext") -> list[tuple[torch.Tensor, torch.Tensor]]:
