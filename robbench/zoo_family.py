@@ -203,19 +203,22 @@ _CACHE: dict[Path, tuple[Any, dict[str, tuple[Family, str]]]] = {}
 def index(directory: Path) -> dict[str, tuple[Family, str]]:
     """Every derived entry of the family files in ``directory``: name -> (family, member suffix).
     A derived name that is also a file entry, or that two families derive, is refused. Cached until a
-    family file's bytes or the set of file entries change. Paths are absolute (the cache outlives a chdir)."""
+    family file or the folder's list of files changes (their modification times and sizes: resolving
+    each of a thousand entries must not re-read every family file). Paths are absolute (the cache
+    outlives a chdir)."""
     directory = directory.resolve()
     files = sorted(directory.glob(f"*{SUFFIX}"))
     if not files:
         return {}
-    file_entries = {p.stem for p in directory.glob("*.toml") if not is_family_file(p)}
     try:
-        key = (frozenset(file_entries), tuple((p.name, p.read_bytes()) for p in files))
+        stats = [(p.name, p.stat()) for p in files]
+        key = (directory.stat().st_mtime_ns, tuple((n, st.st_mtime_ns, st.st_size) for n, st in stats))
     except OSError:
         key = None  # read_family names the unreadable file
     hit = _CACHE.get(directory)
     if key is not None and hit is not None and hit[0] == key:
         return hit[1]
+    file_entries = {p.stem for p in directory.glob("*.toml") if not is_family_file(p)}
     out: dict[str, tuple[Family, str]] = {}
     for path in files:
         fam = read_family(path, file_entries)
