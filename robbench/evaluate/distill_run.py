@@ -16,13 +16,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from robbench.data import load_split
-from robbench.data.subsets import indices_sha256
 from robbench.errors import ConfigError, UserError
 from robbench.evaluate.commit import Committer, RunRecord
 from robbench.evaluate.distillation import (DISTANCE, DIVERSITY_LOSS, UNIT_ATTACK, DistillationSpec, ordered_pairs,
                                             pair_layers, pairs)
 from robbench.evaluate.protocol import Protocol
-from robbench.evaluate.targets import Target, load_target, select_samples
+from robbench.evaluate.targets import Target, identity_meta, load_target, select_samples
 from robbench.models import feature_layers, get_features
 from robbench.outcomes import CLEAN, NO_MEMBER, BatchKey, OutcomeKey
 from robbench.store import Row
@@ -152,18 +151,8 @@ class DistillationUnits:
 
 
 def _meta(proto: Protocol, t: Target, ids: list[int], settings: Any, units: DistillationUnits) -> dict[str, Any]:
-    imported = t.manifest.get("imported") or {}
-    return {
-        "origin": t.origin,
-        **({"imported": {k: imported.get(k) for k in ("factory", "source_sha256", "weights_sha256", "kind")}}
-           if t.origin == "imported" else {}),
-        "protocol": proto.resolved(), "protocol_file": proto.source_file,
-        "samples": {"selection": proto.samples.selection, "n": len(ids), "split": proto.samples.split,
-                    "seed": proto.samples.seed, "sha256": indices_sha256(ids), "dataset": t.dataset},
-        "and_groups": [], "member": None, "world_size": settings.dist.world, "device": str(settings.device),
-        "memory_format": t.fmt.as_record(), "unit_samples": proto.batch_size,
-        "distillation": units.record(),
-    }
+    return {**identity_meta(proto, t, ids, settings), "and_groups": [], "member": None,
+            "unit_samples": proto.batch_size, "distillation": units.record()}
 
 
 def evaluate_distillation(proto: Protocol, name: str, settings: Any) -> int:

@@ -28,7 +28,6 @@ import torch
 from robbench.attacks.autoattack import streaming as autoattack_streaming
 from robbench.checkpoint import RunDir
 from robbench.data import load_split
-from robbench.data.subsets import indices_sha256
 from robbench.device import pick_device
 from robbench.distributed import DistEnv
 from robbench.errors import UserError
@@ -39,7 +38,8 @@ from robbench.evaluate.plan import (PlannedAttack, TargetPlan, Unit, and_groups,
                                     plan_target, unit_samples)
 from robbench.evaluate.protocol import Protocol, load_protocol
 from robbench.evaluate.sources import SourceOptions, SourceSets
-from robbench.evaluate.targets import Target, load_target, resolve_targets, select_samples, trained_entries
+from robbench.evaluate.targets import (Target, identity_meta, load_target, resolve_targets, select_samples,
+                                       trained_entries)
 from robbench.outcomes import BatchKey
 from robbench.store import Store
 
@@ -117,16 +117,9 @@ def evaluate_protocol(protocol: str | Protocol, entries: Sequence[str] | None = 
 
 def _run_meta(proto: Protocol, t: Target, ids: list[int], settings: Settings, early_stop: bool,
               groups: list[dict[str, Any]]) -> dict[str, Any]:
-    imported = t.manifest.get("imported") or {}
     return {
-        "origin": t.origin,
-        **({"imported": {k: imported.get(k) for k in ("factory", "source_sha256", "weights_sha256", "kind")}}
-           if t.origin == "imported" else {}),
-        "protocol": proto.resolved(), "protocol_file": proto.source_file,
-        "samples": {"selection": proto.samples.selection, "n": len(ids), "split": proto.samples.split,
-                    "seed": proto.samples.seed, "sha256": indices_sha256(ids), "dataset": t.dataset},
-        "and_groups": groups, "member": proto.member, "world_size": settings.dist.world, "device": str(settings.device),
-        "memory_format": t.fmt.as_record(),
+        **identity_meta(proto, t, ids, settings),
+        "and_groups": groups, "member": proto.member,
         "early_stop": EARLY_STOP_NOTE if early_stop else "off: every attack runs on every sample",
         "seeding": SEEDING_NOTE,
         "eot": ({"randomized": True, "samples": proto.eot_samples, "gradient": "log mean softmax over the draws",

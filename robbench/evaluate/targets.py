@@ -12,7 +12,7 @@ from robbench.checkpoint import (RunDir, checkpoint_sha256, entry_from_manifest,
                                  run_dirs)
 from robbench.config import ZooEntry, list_entries, load_entry
 from robbench.data import get_info
-from robbench.data.subsets import dverge_subset, make_subset
+from robbench.data.subsets import dverge_subset, indices_sha256, make_subset
 from robbench.errors import CheckpointError, ConfigError, DataError, UserError
 from robbench.evaluate.protocol import Protocol
 from robbench.imported import origin_of, verify_imported_source
@@ -136,6 +136,21 @@ def resolve_targets(proto: Protocol, entries: Sequence[str], runs_dir: str | Pat
     also = f"; {skipped_line(skipped)}" if skipped else ""
     raise UserError(f"protocol {proto.name!r}: no trained entry it applies to under "
                     f"{runs_dir or 'runs'}{also}{hint}", file=proto.source_file, field="applies_to")
+
+
+def identity_meta(proto: Protocol, t: Target, ids: list[int], settings: Any) -> dict[str, Any]:
+    """What every evaluation run records about its target, protocol, sample set and device (attack runs
+    and measurement runs alike); ``settings`` has ``dist`` and ``device``."""
+    imported = t.manifest.get("imported") or {}
+    return {
+        "origin": t.origin,
+        **({"imported": {k: imported.get(k) for k in ("factory", "source_sha256", "weights_sha256", "kind")}}
+           if t.origin == "imported" else {}),
+        "protocol": proto.resolved(), "protocol_file": proto.source_file,
+        "samples": {"selection": proto.samples.selection, "n": len(ids), "split": proto.samples.split,
+                    "seed": proto.samples.seed, "sha256": indices_sha256(ids), "dataset": t.dataset},
+        "world_size": settings.dist.world, "device": str(settings.device), "memory_format": t.fmt.as_record(),
+    }
 
 
 def member_predictions(model: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from robbench.pruning.masked import MaskedConv2d, masked_layers
-from robbench.pruning.scores.base import ScoreData, register
+from robbench.pruning.scores.base import ScoreData, layer_io, register
 
 
 def _input_second_moment(layer: nn.Module, a: torch.Tensor) -> torch.Tensor:
@@ -54,40 +54,29 @@ def ase_scores(net: nn.Module, data: ScoreData) -> dict[str, torch.Tensor]:
     acc_a = {n: torch.zeros(()) for n, _ in layers}
     acc_g = {n: torch.zeros(()) for n, _ in layers}
     acc_emp = {n: torch.zeros_like(l.weight) for n, l in layers}
-    inputs: dict[str, torch.Tensor] = {}
-    outs: dict[str, torch.Tensor] = {}
-    handles = []
-    for name, layer in layers:
-        def fwd(m: nn.Module, a: tuple, o: torch.Tensor, name: str = name) -> None:
-            inputs[name] = a[0].detach()
-            if o.requires_grad:
-                o.retain_grad()
-            outs[name] = o
-        handles.append(layer.register_forward_hook(fwd))  # type: ignore[attr-defined]
     was = [(m, m.training) for m in net.modules()]
     flags = [(p, p.requires_grad) for p in net.parameters()]
     try:
-        net.eval()  # Fisher of the trained model: BatchNorm statistics fixed
-        for _, layer in layers:
-            layer.weight.requires_grad_(True)
-        for x, y in data.batches:
-            xa = data.craft(x, y) if data.craft is not None else x
+        with layer_io(layers) as (inputs, outs):  # type: ignore[arg-type]
+            net.eval()  # Fisher of the trained model: BatchNorm statistics fixed
             for _, layer in layers:
-                layer.weight.grad = None
-            with torch.enable_grad():
-                loss = F.cross_entropy(net(xa), y)
-                loss.backward()
-            for name, layer in layers:
-                if mode == "empirical":
-                    acc_emp[name] = acc_emp[name] + layer.weight.grad.detach().pow(2)
-                else:
-                    o = outs[name]
-                    g = o.grad if o.grad is not None else torch.zeros_like(o)
-                    acc_a[name] = acc_a[name] + _input_second_moment(layer, inputs[name])
-                    acc_g[name] = acc_g[name] + _output_second_moment(g.detach(), len(x))
+                layer.weight.requires_grad_(True)
+            for x, y in data.batches:
+                xa = data.craft(x, y) if data.craft is not None else x
+                for _, layer in layers:
+                    layer.weight.grad = None
+                with torch.enable_grad():
+                    loss = F.cross_entropy(net(xa), y)
+                    loss.backward()
+                for name, layer in layers:
+                    if mode == "empirical":
+                        acc_emp[name] = acc_emp[name] + layer.weight.grad.detach().pow(2)
+                    else:
+                        o = outs[name]
+                        g = o.grad if o.grad is not None else torch.zeros_like(o)
+                        acc_a[name] = acc_a[name] + _input_second_moment(layer, inputs[name])
+                        acc_g[name] = acc_g[name] + _output_second_moment(g.detach(), len(x))
     finally:
-        for h in handles:
-            h.remove()
         for m, flag in was:
             m.training = flag
         for p, flag in flags:

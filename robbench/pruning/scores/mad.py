@@ -32,6 +32,7 @@ from torch import nn
 from torch.func import functional_call
 
 from robbench.pruning.masked import MaskedConv2d, MaskedMixin
+from robbench.pruning.scores.base import layer_io
 
 MASK_LOW = math.log(math.expm1(1e-4))  # softplus^-1(0), with 0 read as 1e-4 (MAD f_inv)
 MASK_HIGH = math.log(math.expm1(1.0))  # softplus^-1(1): the factor starts at 1
@@ -111,22 +112,9 @@ def mad_scores(net: nn.Module, layers: list[tuple[str, MaskedMixin]],
         xa = craft(x, y) if craft is not None else x
         raw = learn_mask(net, layers, xa, y, steps, lr)
         params = _masked_params(layers, raw)
-        inputs: dict[str, torch.Tensor] = {}
-        outs: dict[str, torch.Tensor] = {}
-        handles = []
-        for name, layer in layers:
-            def fwd(m: nn.Module, a: tuple, o: torch.Tensor, name: str = name) -> None:
-                inputs[name] = a[0].detach()
-                o.retain_grad()
-                outs[name] = o
-            handles.append(layer.register_forward_hook(fwd))  # type: ignore[attr-defined]
-        try:
-            with torch.enable_grad():
-                xg = xa.detach().requires_grad_(True)  # a graph through every layer output
-                F.cross_entropy(functional_call(net, params, (xg,)), y).backward()
-        finally:
-            for h in handles:
-                h.remove()
+        with layer_io(layers) as (inputs, outs), torch.enable_grad():  # type: ignore[arg-type]
+            xg = xa.detach().requires_grad_(True)  # a graph through every layer output
+            F.cross_entropy(functional_call(net, params, (xg,)), y).backward()
         with torch.no_grad():
             for name, layer in layers:
                 w = _weight_matrix(layer)
