@@ -247,7 +247,9 @@ def test_cli_evaluate_demo_distillation_and_report(runs: Path, tmp_path: Path):
                                    "--runs-dir", str(runs), "--no-screenshot"])
     assert md.exit_code == 0, md.output
     text = "\n".join(f.read_text() for f in (tmp_path / "md").rglob("*.md"))
-    assert "not run (1.056)" in text and "not run (4.738)" in text and "n=40 seed=0" in text
+    assert "not run (1.056)" in text and "not run (4.738)" in text
+    row = next(line for line in text.splitlines() if line.startswith("| eps=0.09 (cf. 0.03) |"))
+    assert row.endswith("| 40 | 0 |") and "n=40" not in row  # n and seed in their columns, once per row
     assert "Cell: reproduced mean over the samples, then the 95% normal interval of the mean" in text
     assert "Cell: reproduced accuracy" not in text.split("Feature distillation and diversity loss")[1].split("##")[0]
     # the protocol's own page: one row per (entry, eps), mean distance and loss, not accuracies

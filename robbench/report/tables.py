@@ -87,6 +87,12 @@ class CellResult:
         return c.cells[0] if isinstance(c, SeedCell) else c
 
     @property
+    def counted(self) -> Any:
+        """What carries this cell's sample count n and attack seed: its (first) accuracy cell, or its mean
+        over samples; None for a recorded value."""
+        return self.cell if isinstance(self.cell, MeanCell) else self.first
+
+    @property
     def run(self) -> Any:
         c = self.cell
         return c.run if isinstance(c, (ValueCell, MeanCell)) else (None if self.first is None else self.first.run)
@@ -282,7 +288,8 @@ def cell_text(cr: CellResult, compare: bool, flag_ids: dict[Flag, int], uniform:
             val = f"{val} ({pub}, {delta:+.{dm}f})"
         elif compare and cr.ref is not None:
             val = f"{val} ({pub})"
-        return f"{val}<br>[{c.lo:.{dm}f}, {c.hi:.{dm}f}] n={c.n} seed={c.run.seed}"
+        text = f"{val}<br>[{c.lo:.{dm}f}, {c.hi:.{dm}f}]"
+        return text if uniform is not None else f"{text} n={c.n} seed={c.run.seed}"
     if isinstance(c, ValueCell):  # a recorded number: no samples, no interval
         val = f"{c.value:.{max(d, 2) if c.unit == 'x' else d}f}{fmt_unit(c.unit)}"
         delta = cr.delta

@@ -173,7 +173,7 @@ class PaperReport:
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for r in t.rows:
             crs = [t.cells[(r, c)] for c in t.columns]
-            ns = {(cr.first.n, cr.first.run.seed) for cr in crs if cr.first is not None}
+            ns = {(cr.counted.n, cr.counted.run.seed) for cr in crs if cr.counted is not None}
             uniform = next(iter(ns)) if len(ns) == 1 else None
             texts = [cell_text(cr, t.view.compare, {f: self.flag_id(f) for f in cr.flags}, uniform) for cr in crs]
             n_txt, seed_txt = (str(uniform[0]), str(uniform[1])) if uniform else (("–", "–") if not ns else ("var.", "var."))
