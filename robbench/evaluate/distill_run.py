@@ -21,7 +21,7 @@ from robbench.evaluate.commit import Committer, RunRecord
 from robbench.evaluate.distillation import (DISTANCE, DIVERSITY_LOSS, UNIT_ATTACK, DistillationSpec, ordered_pairs,
                                             pair_layers, pairs)
 from robbench.evaluate.protocol import Protocol
-from robbench.evaluate.targets import Target, identity_meta, load_target, select_samples
+from robbench.evaluate.targets import Target, identity_meta, run_identity, select_samples
 from robbench.models import feature_layers, get_features
 from robbench.outcomes import CLEAN, NO_MEMBER, BatchKey, OutcomeKey
 from robbench.store import Row
@@ -99,9 +99,6 @@ class DistillationUnits:
                 "num_layers": self.num_layers, "value_column": "margin",
                 "correct": f"prediction on the distilled input equals the {self.spec.label} label"}
 
-    def keys(self) -> list[BatchKey]:
-        return [BatchKey(UNIT_ATTACK, batch=b, eps=float(e)) for b in range(len(self.batches)) for e in self.proto.eps]
-
     def _get(self, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = self.data.get(ids)
         return self.t.fmt.prepare(x.to(self.device)), y.to(self.device)
@@ -155,22 +152,16 @@ def _meta(proto: Protocol, t: Target, ids: list[int], settings: Any, units: Dist
             "unit_samples": proto.batch_size, "distillation": units.record()}
 
 
-def evaluate_distillation(proto: Protocol, name: str, settings: Any) -> int:
-    """Measure ``proto`` (kind distillation) on entry ``name``; returns its run id. ``settings``: the
-    engine's :class:`~robbench.evaluate.engine.Settings`."""
-    t = load_target(name, settings.runs_dir, settings.device, None, settings.memory_format)
-    datasets = proto.applies_to.datasets or proto.datasets
-    if datasets and t.dataset not in datasets:
-        raise UserError(f"protocol {proto.name!r} applies to {', '.join(datasets)}; {name} is a "
-                        f"{t.dataset} model", file=proto.source_file, field="datasets")
+def evaluate_distillation(proto: Protocol, t: Target, settings: Any) -> int:
+    """Measure ``proto`` (kind distillation) on the loaded target ``t`` (the engine has checked its
+    dataset); returns its run id. ``settings``: the engine's :class:`~robbench.evaluate.engine.Settings`."""
+    name = t.name
     measured_members(proto, t)  # the one line for a single model comes before any data is read
     data = load_split(t.dataset, proto.samples.split, settings.data_root, t.data_options)
     ids = select_samples(proto, data, t.dataset, t, settings.device)
     units = DistillationUnits(proto, t, data, ids, settings.device)
     record = RunRecord(settings.store, settings.dist)
-    record.start({"entry": name, "checkpoint_sha256": t.checkpoint_sha256, "protocol": proto.name,
-                  "protocol_sha256": proto.sha256(), "overrides": proto.overrides, "seed": proto.seed},
-                 _meta(proto, t, ids, settings, units), settings.force)
+    record.start(run_identity(proto, t), _meta(proto, t, ids, settings, units), settings.force)
     if record.status == "done":
         settings.say(f"{name}: {proto.name} already done (run {record.run_id}); --force to redo")
         return record.run_id

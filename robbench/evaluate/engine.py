@@ -38,8 +38,8 @@ from robbench.evaluate.plan import (PlannedAttack, TargetPlan, Unit, and_groups,
                                     plan_target, unit_samples)
 from robbench.evaluate.protocol import Protocol, load_protocol
 from robbench.evaluate.sources import SourceOptions, SourceSets
-from robbench.evaluate.targets import (Target, identity_meta, load_target, resolve_targets, select_samples,
-                                       trained_entries)
+from robbench.evaluate.targets import (Target, identity_meta, load_target, resolve_targets, run_identity,
+                                       select_samples, trained_entries)
 from robbench.outcomes import BatchKey
 from robbench.store import Store
 
@@ -129,13 +129,13 @@ def _run_meta(proto: Protocol, t: Target, ids: list[int], settings: Settings, ea
 
 def evaluate_target(proto: Protocol, name: str, settings: Settings) -> int:
     """Plan, resume, execute and commit ``proto`` on one entry; returns its run id."""
-    if proto.kind == "distillation":  # a measurement, not attacks: its own units (evaluate/distill_run.py)
-        return evaluate_distillation(proto, name, settings)
     t = load_target(name, settings.runs_dir, settings.device, proto.member, settings.memory_format)
     datasets = proto.applies_to.datasets or proto.datasets
     if datasets and t.dataset not in datasets:
         raise UserError(f"protocol {proto.name!r} applies to {', '.join(datasets)}; {name} is a "
                         f"{t.dataset} model", file=proto.source_file, field="datasets")
+    if proto.kind == "distillation":  # a measurement, not attacks: its own units (evaluate/distill_run.py)
+        return evaluate_distillation(proto, t, settings)
     data = load_split(t.dataset, proto.samples.split, settings.data_root, t.data_options)
     ids = select_samples(proto, data, t.dataset, t, settings.device)
     attacks = plan_attacks(proto)
@@ -144,9 +144,7 @@ def evaluate_target(proto: Protocol, name: str, settings: Settings) -> int:
     meta = _run_meta(proto, t, ids, settings, early_stop, groups_record(and_groups(attacks, sources)))
     meta["unit_samples"] = _unit_size(proto, t, data, ids, attacks, settings)
     record = RunRecord(settings.store, settings.dist)
-    record.start({"entry": name, "checkpoint_sha256": t.checkpoint_sha256, "protocol": proto.name,
-                  "protocol_sha256": proto.sha256(), "overrides": proto.overrides, "seed": proto.seed},
-                 meta, settings.force)
+    record.start(run_identity(proto, t), meta, settings.force)
     if record.status == "done":
         settings.say(f"{name}: {proto.name} already done (run {record.run_id}); --force to redo")
         return record.run_id

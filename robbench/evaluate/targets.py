@@ -138,6 +138,12 @@ def resolve_targets(proto: Protocol, entries: Sequence[str], runs_dir: str | Pat
                     f"{runs_dir or 'runs'}{also}{hint}", file=proto.source_file, field="applies_to")
 
 
+def run_identity(proto: Protocol, t: Target) -> dict[str, Any]:
+    """The key of an evaluation run in the store: which weights, which protocol (and its hash), how."""
+    return {"entry": t.name, "checkpoint_sha256": t.checkpoint_sha256, "protocol": proto.name,
+            "protocol_sha256": proto.sha256(), "overrides": proto.overrides, "seed": proto.seed}
+
+
 def identity_meta(proto: Protocol, t: Target, ids: list[int], settings: Any) -> dict[str, Any]:
     """What every evaluation run records about its target, protocol, sample set and device (attack runs
     and measurement runs alike); ``settings`` has ``dist`` and ``device``."""
