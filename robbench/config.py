@@ -20,7 +20,7 @@ from robbench.registry import ARCHITECTURES, METHODS
 from robbench.schema import config_hash, opt, parse_dataclass, parse_options, to_dict
 
 # the option machinery lives in robbench.schema; these names are part of this module's interface
-__all__ = ["ZooEntry", "apply_overrides", "blame_override", "check_conflicts", "config_hash", "deep_merge",
+__all__ = ["ZOO_KIND", "ZooEntry", "apply_overrides", "blame_override", "check_conflicts", "config_hash", "deep_merge",
            "entry_exists", "list_entries", "list_protocols", "load_entry", "load_raw", "opt", "parse_dataclass",
            "parse_options", "parse_override", "resolve_entry", "resolve_path", "to_dict"]
 

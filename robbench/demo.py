@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from robbench.config import list_entries, list_protocols, load_raw
+from robbench.config import ZOO_KIND, list_entries, list_protocols, load_raw
 from robbench.errors import ConfigError
 from robbench.paths import PROTOCOLS_DIR, ZOO_DIR, results_db, runs_dir as default_runs_dir
 
@@ -60,7 +60,7 @@ def demo_entries() -> list[dict[str, Any]]:
     it starts from (``train.init_from``)."""
     raw = {}
     for name in list_entries(ZOO_DIR):
-        data, _ = load_raw(name, ZOO_DIR, "zoo entry")
+        data, _ = load_raw(name, ZOO_DIR, ZOO_KIND)
         if data.get("paper") == DEMO_PAPER and not NOT_IN_DEMO_TAGS & set(data.get("tags", [])):
             train = data.get("train") or {}
             raw[name] = {"name": name, "tags": list(data.get("tags", [])), "init_from": train.get("init_from")}
@@ -103,7 +103,7 @@ def smallest_overrides(name: str) -> list[str]:
 
     from robbench.registry import METHODS
 
-    train = load_raw(name, ZOO_DIR, "zoo entry")[0].get("train") or {}
+    train = load_raw(name, ZOO_DIR, ZOO_KIND)[0].get("train") or {}
     params = METHODS.params(train.get("method", "baseline"))
     names = {f.name for f in dataclasses.fields(params)} if params is not None else set()
     epochs = [] if train.get("epochs") == 0 else [f"train.epochs={SMALLEST_EPOCHS}"]

@@ -84,10 +84,6 @@ def is_family_file(path: Path) -> bool:
     return path.name.endswith(SUFFIX)
 
 
-def family_stem(path: Path) -> str:
-    return path.name[: -len(SUFFIX)]
-
-
 def _flatten(table: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
     """``{"train": {"epochs": 3}}`` and ``{"train.epochs": 3}`` -> [("train.epochs", 3)]: a table value
     sets its keys one by one, as a ``--set`` of each leaf would."""

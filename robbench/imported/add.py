@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from robbench.checkpoint import file_sha256, load_state_dict_file
-from robbench.config import load_raw, resolve_entry
+from robbench.config import ZOO_KIND, load_raw, resolve_entry
 from robbench.data import get_info
 from robbench.errors import CheckpointError, ConfigError
 from robbench.imported.record import imported_config, write_imported_run
@@ -168,7 +168,7 @@ def import_weights(raw: dict[str, Any], entry: Any, tensors: Mapping[str, torch.
 def add_entry(spec: str, *, runs_dir: str | Path | None = None, name: str | None = None,
               force: bool = False) -> AddResult:
     """``robbench add``: read the entry file, check everything, write ``<runs>/<name>/`` (nothing on error)."""
-    raw, path = load_raw(spec, ZOO_DIR, "zoo entry")
+    raw, path = load_raw(spec, ZOO_DIR, ZOO_KIND)
     file = str(path)
     raw = dict(raw)
     raw["name"] = name or raw.get("name") or path.stem

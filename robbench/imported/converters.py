@@ -26,7 +26,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from robbench.checkpoint import file_sha256, load_state_dict_file
-from robbench.config import apply_overrides, load_raw
+from robbench.config import ZOO_KIND, apply_overrides, load_raw
 from robbench.errors import CheckpointError
 from robbench.imported.add import AddResult, import_weights, prepare_entry
 from robbench.paths import ZOO_DIR
@@ -84,7 +84,7 @@ def map_keys(expected: Mapping[str, torch.Tensor], source: Mapping[str, torch.Te
 
 
 def _entry_raw(like: str, overrides: list[str], name: str) -> tuple[dict[str, Any], Path]:
-    raw, path = load_raw(like, ZOO_DIR, "zoo entry")
+    raw, path = load_raw(like, ZOO_DIR, ZOO_KIND)
     raw = apply_overrides(raw, overrides)
     raw["name"] = name
     raw.pop("train", None)
