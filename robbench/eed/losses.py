@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from robbench.pruning.masked import MASKED_TYPES
+from robbench.train.methods.gal import gal_coherence
 
 
 def ensemble_entropy(mean_probs: torch.Tensor) -> torch.Tensor:
@@ -69,8 +70,6 @@ def ensemble_loss(logits: Sequence[torch.Tensor], y: torch.Tensor, alpha: float,
 def gal_ensemble_loss(logits: Sequence[torch.Tensor], x: torch.Tensor, y: torch.Tensor,
                       beta: float) -> tuple[torch.Tensor, dict[str, float]]:
     """L_E with GAL's gradient coherence for ``logits`` computed from ``x`` (which requires grad)."""
-    from robbench.train.methods.gal import gal_coherence
-
     ces = [F.cross_entropy(z, y) for z in logits]
     grads = torch.stack([torch.autograd.grad(ce, x, create_graph=True)[0].flatten(1) for ce in ces])
     coh = gal_coherence(grads)

@@ -20,6 +20,7 @@ from torch import nn
 
 from robbench.pruning.masked import MaskedConv2d, masked_layers
 from robbench.pruning.scores.base import ScoreData, layer_io, register
+from robbench.pruning.scores.mad import mad_scores
 
 
 def _input_second_moment(layer: nn.Module, a: torch.Tensor) -> torch.Tensor:
@@ -91,8 +92,6 @@ def ase_scores(net: nn.Module, data: ScoreData) -> dict[str, torch.Tensor]:
 
 
 def _mad(net: nn.Module, layers: list, data: ScoreData) -> dict[str, torch.Tensor]:
-    from robbench.pruning.scores.mad import mad_scores
-
     was = [(m, m.training) for m in net.modules()]
     flags = [(p, p.requires_grad) for p in net.parameters()]
     try:

@@ -24,10 +24,13 @@ from robbench.config import opt
 from robbench.eed.losses import (activation_l1, dverge_ensemble_loss, ensemble_loss, gal_ensemble_loss,
                                  misclassification_loss, weight_l1)
 from robbench.errors import ConfigError, UserError
+from robbench.models import num_feature_layers
 from robbench.models.eed_team import TeamNet, find_team
 from robbench.pruning.masked import set_phase
 from robbench.registry import METHODS
-from robbench.train.methods.base import Batch, Method
+from robbench.train.distill import distill
+from robbench.train.methods.base import Batch, Method, module_mode
+from robbench.train.methods.dverge import layer_for_epoch
 from robbench.train.methods.adv_bases import AdvBaseOptions, craft
 
 if TYPE_CHECKING:
@@ -145,8 +148,6 @@ class EED(Method):
         self.initialised = True
         set_phase(ctx.model, "finetune")  # masks as the pool pruned them; weights train
         if o.ensemble_loss == "dverge":
-            from robbench.models import num_feature_layers
-
             self.num_layers = num_feature_layers(self.team.nets[0])
             if not 0 < (o.dverge_layer or 1) <= self.num_layers:
                 raise ConfigError(f"layer {o.dverge_layer} does not exist; allowed: 0 (random) or "
@@ -155,15 +156,10 @@ class EED(Method):
     def on_epoch_start(self, ctx: "TrainContext", epoch: int) -> None:
         o: EEDOptions = self.options
         if o.ensemble_loss == "dverge":
-            from robbench.train.methods.dverge import layer_for_epoch
-
             self.layer = o.dverge_layer or layer_for_epoch(ctx.seed, epoch, self.num_layers)
             ctx.extras["log_distill_layer"] = self.layer
 
     def _distilled(self, ctx: "TrainContext", x_s: torch.Tensor, x_t: torch.Tensor) -> list[torch.Tensor]:
-        from robbench.train.distill import distill
-        from robbench.train.methods.base import module_mode
-
         o: EEDOptions = self.options
         assert self.team is not None
         with module_mode(ctx.model, "train"):
