@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from robbench.outcomes import CLEAN_ATTACK, FINAL
-from robbench.report.results import Results, RunInfo, all_or_nothing_counts
+from robbench.report.results import Results, RunInfo, all_or_nothing_counts, select_outcomes
 from robbench.report.views import Measure
 from robbench.store import wilson_interval
 
@@ -125,11 +125,9 @@ def meta_value(meta: dict[str, Any], key: str) -> float | None:
 def mean_cell(df: pd.DataFrame, m: Measure, run: RunInfo) -> MeanCell | None:
     """The mean value of the outcome rows of the measure's attacks at its eps (final values only)."""
     attacks = select_attacks(df["attack"].unique().tolist(), m.attacks)
-    sub = df[df["attack"].isin(attacks) & (df["steps"] == FINAL) & df["margin"].notna()]
-    if m.eps is not None:
-        sub = sub[(sub["eps"] - float(m.eps)).abs() < 1e-9]
-    if m.member >= 0:
-        sub = sub[sub["member"] == m.member]
+    sub = select_outcomes(df, attacks, None if m.eps is None else float(m.eps),
+                          None if m.member < 0 else m.member, FINAL)
+    sub = sub[sub["margin"].notna()]
     if sub.empty:
         return None
     per_sample = sub.groupby("sample")["margin"].mean().to_numpy(dtype=float)

@@ -70,11 +70,13 @@ def _loads(v: Any, default: Any) -> Any:
         return default
 
 
-def select_outcomes(df: pd.DataFrame, attacks: list[str], eps: float | None, member: int = -1,
+def select_outcomes(df: pd.DataFrame, attacks: list[str], eps: float | None, member: int | None = -1,
                     steps: int | None = None) -> pd.DataFrame:
-    """The outcome rows of the listed attacks for ``member`` (``steps``: only those recorded after that
-    many iterations; ``eps``: only that eps, within EPS_TOL)."""
-    sub = df[(df["member"] == member) & df["attack"].isin(attacks)]
+    """The outcome rows of the listed attacks for ``member`` (None: every member's; ``steps``: only those
+    recorded after that many iterations; ``eps``: only that eps, within EPS_TOL)."""
+    sub = df[df["attack"].isin(attacks)]
+    if member is not None:
+        sub = sub[sub["member"] == member]
     if steps is not None:
         sub = sub[sub["steps"] == steps]
     if eps is not None:
