@@ -12,23 +12,23 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from safetensors import safe_open
 
 from robbench.checkpoint import LOG, MANIFEST, WEIGHTS
 from robbench.config import load_entry
+from robbench.pruning.measure import TRAINING_ONLY
 from robbench.store import Store, all_or_nothing, latest_runs
 
 EPS_TOL = 1e-9
 
 
-# State-dict leaves that are not deployed parameters: BN statistics, and the pruning scores / rates / masks
-# of robbench.pruning (its measure.TRAINING_ONLY and the mask buffer).
-NOT_PARAMETERS = ("running_mean", "running_var", "num_batches_tracked", "scores", "k_score", "mask")
+# State-dict leaves that are not deployed parameters: BN statistics, and a pruned layer's training-only
+# scores / rates and its mask buffer (what robbench.pruning.measure.footprint leaves out too).
+NOT_PARAMETERS = ("running_mean", "running_var", "num_batches_tracked", *TRAINING_ONLY, "mask")
 
 
 def _mask_nonzeros(path: Path, keys: list[str]) -> dict[str, int]:
     """Non-zero count of each named tensor of a safetensors file (an unreadable file counts nothing)."""
-    from safetensors import safe_open
-
     out: dict[str, int] = {}
     try:
         with safe_open(str(path), framework="pt") as f:
