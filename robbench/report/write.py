@@ -136,7 +136,9 @@ class PaperReport:
             elif has_ref:
                 mean += (f". The published numbers ({ref_p} Table {ref_t}) come from another setting and are "
                          f"listed below for shape, not differenced.")
-            self.md.append(mean if mean.endswith(".") else mean + ".")
+            else:
+                mean += "."
+            self.md.append(mean)
         elif not has_ref:
             self.md.append("Cell: accuracy in %, then the 95% Wilson interval (no published numbers for this table).")
         elif view.compare:
