@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
 
+from tiny_runs import train_tiny_run  # tests/tiny_runs.py
 from robbench.errors import ConfigError
 from robbench.evaluate import engine
 from robbench.evaluate.distill_run import DistillationUnits
@@ -19,42 +20,15 @@ from robbench.evaluate.protocol import load_protocol
 from robbench.store import Store
 
 
-def _train(root: Path, zoo: Path, name: str, members: int, seed: int, steps: int = 25, entry_spec: str | None = None) -> None:
-    """A tiny ResNet-8 (width 0.25) ensemble on digits (or the zoo entry ``entry_spec``), a few Adam steps."""
-    from robbench.checkpoint import RunDir
-    from robbench.config import load_entry
-    from robbench.data import get_info, load_split
-    from robbench.models import build_model
-
-    if entry_spec is None:
-        f = zoo / f"{name}.toml"
-        f.write_text(f'paper = "demo"\n[model]\narch = "resnet_cifar"\noptions = {{depth = 8}}\n'
-                     f'members = {members}\nwidth = 0.25\n[data]\ndataset = "digits"\n[train]\nepochs = 1\nseed = {seed}\n')
-        entry_spec = str(f)
-    entry = load_entry(entry_spec)
-    torch.manual_seed(seed)
-    model = build_model(entry, get_info("digits"))
-    data = load_split("digits", "train")
-    opt = torch.optim.Adam(model.parameters(), 1e-2)
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        x, y = data.get(torch.randint(0, len(data), (64,), generator=g))
-        loss = sum(F.cross_entropy(m(x), y) for m in model.members)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    RunDir(root, name).save_final(model.eval(), entry)
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
     base = tmp_path_factory.mktemp("distill")
     zoo = base / "zoo"
     zoo.mkdir()
     root = base / "runs"
-    _train(root, zoo, "d_x2", 2, 0)
-    _train(root, zoo, "d_one", 1, 1)
-    _train(root, zoo, "demo_baseline_x3", 3, 0, steps=15, entry_spec="demo_baseline_x3")
+    train_tiny_run(root, zoo, "d_x2", 2, 0)
+    train_tiny_run(root, zoo, "d_one", 1, 1)
+    train_tiny_run(root, zoo, "demo_baseline_x3", 3, 0, steps=15, entry_spec="demo_baseline_x3")
     return root
 
 

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
+from tiny_runs import train_tiny_run  # tests/tiny_runs.py
 from robbench.attacks.capabilities import Capabilities
 from robbench.attacks.core import AttackResult
 from robbench.config import opt
@@ -25,30 +26,6 @@ from robbench.store import Store
 
 # ---------------------------------------------------------------------------------------- fixtures
 
-def _train(root: Path, zoo: Path, name: str, members: int, seed: int, steps: int = 25, tags=()) -> None:
-    """A tiny CIFAR ResNet-8 (width 0.25) ensemble on digits, trained a few Adam steps, saved as a run."""
-    from robbench.checkpoint import RunDir
-    from robbench.config import load_entry
-    from robbench.data import get_info, load_split
-    from robbench.models import build_model
-
-    f = zoo / f"{name}.toml"
-    f.write_text(f'paper = "demo"\ntags = {list(tags)!r}\n[model]\narch = "resnet_cifar"\noptions = {{depth = 8}}\n'
-                 f'members = {members}\nwidth = 0.25\n[data]\ndataset = "digits"\n[train]\nepochs = 1\nseed = {seed}\n')
-    entry = load_entry(str(f))
-    torch.manual_seed(seed)
-    model = build_model(entry, get_info("digits"))
-    data = load_split("digits", "train")
-    opt = torch.optim.Adam(model.parameters(), 1e-2)
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        x, y = data.get(torch.randint(0, len(data), (64,), generator=g))
-        loss = sum(torch.nn.functional.cross_entropy(m(x), y) for m in model.members)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    RunDir(root, name).save_final(model.eval(), entry)
-
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
@@ -56,9 +33,9 @@ def runs(tmp_path_factory) -> Path:
     zoo = base / "zoo"
     zoo.mkdir()
     root = base / "runs"
-    _train(root, zoo, "t_x2", 2, 0)
-    _train(root, zoo, "t_one", 1, 2)
-    _train(root, zoo, "t_src", 1, 1, tags=["holdout"])
+    train_tiny_run(root, zoo, "t_x2", 2, 0)
+    train_tiny_run(root, zoo, "t_one", 1, 2)
+    train_tiny_run(root, zoo, "t_src", 1, 1, tags=["holdout"])
     return root
 
 
